@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,300 @@ config_option = click.option(
 @click.version_option(__version__, prog_name="classifier")
 def main() -> None:
     """Prepare image datasets, train, tune and serve classifiers, with every run tracked in MLflow."""
+
+
+@main.command("search")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@click.option("--study-name", type=blank_is_unset(str), help="Optuna study to create, resume or join. [search-DATA]")
+@click.option(
+    "--storage",
+    type=blank_is_unset(str),
+    help="Optuna storage: postgresql://... (or another RDB URL) to share a study; default a journal file beside the "
+    "MLflow store.",
+)
+@click.option("--n-trials", type=blank_is_unset(click.INT), help="Trials in the study in total (all workers). [20]")
+@click.option("--timeout", type=blank_is_unset(click.FLOAT), help="Stop starting trials after this many seconds.")
+@click.option("--n-workers", type=blank_is_unset(click.INT), help="Worker processes here (one GPU each if any). [1]")
+@click.option("--threads-per-worker", type=blank_is_unset(click.INT), help="CPU threads per worker without GPUs.")
+@click.option("--metric", type=blank_is_unset(str), help="Objective: a validation metric of fit, or auto. [auto]")
+@click.option("--cv-folds", type=blank_is_unset(click.INT), help="Score each trial by the mean over K folds.")
+@click.option("--sampler", type=blank_is_unset(click.Choice(["tpe", "random"])), help="Optuna sampler. [tpe]")
+@click.option(
+    "--pruner", type=blank_is_unset(click.Choice(["none", "median", "hyperband"])), help="Optuna pruner. [median]"
+)
+@click.option("--seed", type=blank_is_unset(click.INT), help="Sampler seed (worker i uses seed + i). [0]")
+@click.option("--register-as", type=blank_is_unset(str), help="Registered model name for the champion. [study name]")
+@click.option("--epochs", type=blank_is_unset(click.INT), help="Epochs per trial (overrides the train section).")
+@click.option("--model", type=blank_is_unset(str), help="Architecture for every trial (overrides the train section).")
+def search_command(data: Path, config_path: Path | None, epochs: int | None, model: str | None, **options: Any) -> None:
+    """Tune training on prepared dataset DATA with an Optuna study; register the best model as `champion`."""
+    from classifier.config import SearchConfig, TrainConfig, build_config, load_section
+    from classifier.search import search
+
+    origin = str(config_path or "command line")
+    train = build_config(
+        TrainConfig, load_section(config_path, "train"), {"epochs": epochs, "model": model}, origin=origin
+    )
+    config = build_config(SearchConfig, load_section(config_path, "search"), options, origin=origin)
+    result = search(config, train, data)
+    best = "no completed trial" if result.best_value is None else f"best {result.metric} {result.best_value:.4f}"
+    champion = f"; registered version {result.registered_version} as champion" if result.registered_version else ""
+    click.echo(f"study {result.study_name}: {best} {result.best_params}{champion}")
+
+
+@main.command("prepare")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@config_option
+@click.option("--size", type=blank_is_unset(click.IntRange(1)), help="Side of the square output images, px. [256]")
+@click.option(
+    "--resize",
+    type=blank_is_unset(click.Choice(["stretch", "pad", "crop"])),
+    help="Aspect ratio: stretch it, pad to a square, or crop the centre. [stretch]",
+)
+@click.option(
+    "--channels",
+    type=blank_is_unset(click.Choice(["1", "3", "4"])),
+    help="Store as grey (1), RGB (3) or RGBA/RGBY (4). [as the images are: grey stays grey]",
+)
+@click.option("--bit-depth", type=blank_is_unset(click.Choice(["8", "16"])), help="Grey depth. [16 if any source is]")
+@click.option("--fractions", type=blank_is_unset(click.STRING), help="training,validation,test shares. [0.8,0.1,0.1]")
+@click.option("--folds", type=blank_is_unset(click.INT), help="Assign K cross-validation folds instead of validation/.")
+@click.option("--seed", type=blank_is_unset(click.INT), help="Seed of the shuffled, stratified splits. [42]")
+@click.option("--path-column", type=blank_is_unset(click.STRING), help="CSV source: column of image paths. [path]")
+@click.option("--label-column", type=blank_is_unset(click.STRING), help="CSV source: column of labels. [label]")
+@click.option("--group-column", type=blank_is_unset(click.STRING), help="CSV source: keep each group in one split.")
+@click.option("--class-names", type=blank_is_unset(click.STRING), help=".npz source: names of labels 0,1,... .")
+@click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Worker processes. [all cores]")
+@click.option(
+    "--skip-invalid",
+    type=blank_is_unset(click.BOOL),
+    is_flag=False,
+    flag_value="true",
+    help="Skip unreadable images (recorded in dataset.json) instead of failing.",
+)
+@click.option(
+    "--overwrite",
+    type=blank_is_unset(click.BOOL),
+    is_flag=False,
+    flag_value="true",
+    help="Replace an OUTPUT prepared from other inputs or settings.",
+)
+@click.option("--experiment", type=blank_is_unset(click.STRING), help="MLflow experiment (when tracking). [classifier]")
+def prepare_command(source: Path, output: Path, config_path: Path | None, **options: Any) -> None:
+    """Turn SOURCE (class folders, training/validation/test folders, a CSV or a MedMNIST .npz) into OUTPUT."""
+    from classifier.config import PrepareConfig, build_config, load_section
+    from classifier.data.layout import SPLITS
+    from classifier.data.prepare import prepare
+
+    config = build_config(PrepareConfig, load_section(config_path, "prepare"), options, origin="prepare")
+    info = prepare(source, output, config)
+    counts = ", ".join(f"{split} {sum(info.counts[split].values())}" for split in SPLITS if split in info.counts)
+    click.echo(f"{output}: {len(info.classes)} classes, {counts}, {len(info.skipped)} skipped")
+
+
+@main.command("example-data")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+def example_data(output: Path) -> None:
+    """Write scikit-learn's digits (1797 grey 8x8 images, 10 classes) to OUTPUT/<digit>/*.png."""
+    from classifier.data.examples import write_digits
+
+    click.echo(f"{output}: {write_digits(output)} images in 10 class folders")
+
+
+model_setting_options = [
+    click.option("--batch-size", type=blank_is_unset(click.IntRange(1)), help="Images per forward pass. [64]"),
+    click.option(
+        "--tta",
+        type=blank_is_unset(click.BOOL),
+        is_flag=False,
+        flag_value="true",
+        help="Average the probabilities over flips (test-time augmentation). [the model's setting: off]",
+    ),
+    click.option("--device", type=blank_is_unset(click.STRING), help="cpu, cuda or cuda:N. [cuda when available]"),
+    click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Threads decoding images. [one per core]"),
+]
+
+
+def model_settings(command: Any) -> Any:
+    for option in reversed(model_setting_options):
+        command = option(command)
+    return command
+
+
+@main.command("predict")
+@click.argument("model")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=blank_is_unset(click.Path(dir_okay=False, allow_dash=True, path_type=Path)),
+    help="CSV to write, - for stdout. [predictions.csv]",
+)
+@model_settings
+def predict_command(model: str, paths: tuple[Path, ...], output: Path | None, **settings: Any) -> None:
+    """Label images with MODEL (a checkpoint file or an MLflow model URI such as models:/NAME@champion).
+
+    PATHS are image files, folders (searched recursively) or CSVs with a `path` column. Writes one row per image:
+    path, label, confidence, prob_<class>..., error (why an image could not be read; the others still run).
+    """
+    from classifier.predict import predict
+
+    predict(model, paths, output or Path("predictions.csv"), **settings)
+
+
+@main.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="Port to listen on.")
+@click.option(
+    "--max-upload-mb", type=click.FloatRange(0, min_open=True), default=20.0, help="Largest accepted upload, MB."
+)
+@model_settings
+def serve_command(model: str, **options: Any) -> None:
+    """Serve MODEL (a checkpoint file or an MLflow model URI) over HTTP: POST /predict, GET /health, docs at /docs."""
+    from classifier.serve import serve
+
+    serve(model, **options)
+
+
+def _choice(*names: str) -> BlankIsUnset:
+    return blank_is_unset(click.Choice(names))
+
+
+def _flag(name: str, help: str) -> Any:
+    """A boolean option usable as `--name` alone or `--name true|false` (how MLproject passes it)."""
+    return click.option(name, type=blank_is_unset(click.BOOL), is_flag=False, flag_value="true", help=help)
+
+
+train_options = [
+    click.option("--experiment", type=blank_is_unset(str), help="MLflow experiment. [classifier]"),
+    click.option("--model", type=blank_is_unset(str), help="simple_cnn or any timm model name. [simple_cnn]"),
+    _flag("--pretrained", "Start from pretrained weights (offline: the packaged efficientnet_lite0 weights)."),
+    click.option(
+        "--weights",
+        type=blank_is_unset(click.Path(dir_okay=False, path_type=Path)),
+        help="Local state_dict (or checkpoint) to start from; first conv and head are adapted as timm does.",
+    ),
+    click.option("--epochs", type=blank_is_unset(click.INT), help="Epochs in total. [10]"),
+    click.option("--batch-size", type=blank_is_unset(click.INT), help="Training images per step. [64]"),
+    click.option("--optimizer", type=_choice("adamw", "sgd"), help="AdamW or SGD with momentum. [adamw]"),
+    click.option("--lr", type=blank_is_unset(click.FLOAT), help="Peak learning rate. [0.001]"),
+    click.option("--weight-decay", type=blank_is_unset(click.FLOAT), help="Weight decay. [0.0001]"),
+    click.option("--momentum", type=blank_is_unset(click.FLOAT), help="SGD momentum. [0.9]"),
+    click.option("--scheduler", type=_choice("cosine", "step", "plateau", "none"), help="LR schedule. [cosine]"),
+    click.option("--warmup-epochs", type=blank_is_unset(click.INT), help="Linear warm-up epochs. [0]"),
+    click.option("--step-size", type=blank_is_unset(click.INT), help="Step schedule: epochs between decays. [10]"),
+    click.option("--gamma", type=blank_is_unset(click.FLOAT), help="Step/plateau schedule: decay factor. [0.1]"),
+    click.option("--plateau-patience", type=blank_is_unset(click.INT), help="Plateau: epochs before decay. [2]"),
+    click.option(
+        "--freeze-epochs", type=blank_is_unset(click.INT), help="Train only the head for N epochs, then all. [0]"
+    ),
+    click.option(
+        "--backbone-lr-scale", type=blank_is_unset(click.FLOAT), help="Backbone lr factor after unfreezing. [0.1]"
+    ),
+    click.option("--loss", type=_choice("cross_entropy", "focal"), help="Training loss. [cross_entropy]"),
+    click.option("--focal-gamma", type=blank_is_unset(click.FLOAT), help="Focal loss focusing parameter. [2.0]"),
+    _flag("--class-weights", "Weight the loss by inverse class frequency."),
+    click.option("--sampler", type=_choice("random", "weighted"), help="weighted: class-balanced batches. [random]"),
+    click.option("--label-smoothing", type=blank_is_unset(click.FLOAT), help="Label smoothing in [0, 1). [0]"),
+    click.option("--augment", type=_choice("none", "light", "strong"), help="Augmentation recipe. [light]"),
+    click.option("--amp", type=_choice("auto", "bf16", "fp16", "off"), help="Mixed precision (CUDA only). [auto]"),
+    _flag("--channels-last", "Use the channels_last memory format (faster convolutions on GPUs)."),
+    click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to train. [auto: cuda if available]"),
+    click.option("--seed", type=blank_is_unset(click.INT), help="Seed of weights, batches and augmentation. [42]"),
+    click.option("--monitor", type=blank_is_unset(str), help="Metric for best epoch / early stopping. [auto]"),
+    click.option("--patience", type=blank_is_unset(click.INT), help="Stop after N epochs without gain; 0 never. [0]"),
+    click.option("--cache", type=_choice("auto", "memory", "memmap"), help="Decoded image cache. [auto]"),
+    click.option("--num-workers", type=blank_is_unset(click.INT), help="Loader processes. [auto]"),
+    click.option(
+        "--output-dir",
+        type=blank_is_unset(click.Path(file_okay=False, path_type=Path)),
+        help="Where checkpoints are written (OUTPUT_DIR/RUN_ID/{best,last}.pt). [outputs]",
+    ),
+    _flag("--system-metrics", "Log CPU/GPU/memory use to the run. [true]"),
+]
+
+
+def with_options(options: list[Any]) -> Any:
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _stop_on_terminate() -> None:
+    """`kill PID` (or a batch scheduler's SIGTERM) ends the run KILLED and resumable, as Ctrl-C does."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _train_config(config_path: Path | None, options: dict[str, Any]) -> Any:
+    from classifier.config import TrainConfig, build_config, load_section
+
+    return build_config(TrainConfig, load_section(config_path, "train"), options, origin=str(config_path or "train"))
+
+
+@main.command("train")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@with_options(train_options)
+@click.option("--resume", type=blank_is_unset(str), help="Continue this killed run from its last checkpoint.")
+@click.option("--run-name", type=blank_is_unset(str), help="MLflow run name.")
+def train_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
+    """Train a classifier on prepared dataset DATA in one MLflow run (running it again resumes a killed run)."""
+    from classifier.train import fit
+
+    config = _train_config(config_path, options)
+    _stop_on_terminate()
+    result = fit(config, data, run_name=run_name)
+    scores = ", ".join(f"{key} {value:.4f}" for key, value in result.best_metrics.items() if key.startswith("val_"))
+    click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}: {scores}")
+    click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
+
+
+@main.command("cv")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@with_options(train_options)
+@click.option("--run-name", type=blank_is_unset(str), help="MLflow name of the parent run.")
+def cv_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
+    """Cross-validate on the folds of DATA: a parent run with one nested run per fold, mean and std of each metric."""
+    from classifier.cv import cross_validate
+
+    config = _train_config(config_path, options)
+    _stop_on_terminate()
+    result = cross_validate(config, data, run_name=run_name)
+    for key in sorted(result.mean):
+        click.echo(f"{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")
+    click.echo(f"parent run {result.run_id}")
+
+
+@main.command("evaluate")
+@click.argument("model")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@click.option("--split", type=_choice("training", "validation", "test"), help="Prepared split to score. [test]")
+@_flag("--tta", "Average the probabilities over flips (test-time augmentation).")
+@click.option("--bootstrap", type=blank_is_unset(click.INT), help="Bootstrap resamples for 95% CIs; 0 off. [1000]")
+@click.option("--batch-size", type=blank_is_unset(click.INT), help="Images per forward pass. [256]")
+@click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to run. [auto]")
+@click.option("--experiment", type=blank_is_unset(str), help="MLflow experiment of the evaluation run. [classifier]")
+@click.option("--seed", type=blank_is_unset(click.INT), help="Bootstrap seed. [42]")
+def evaluate_command(model: str, data: Path, config_path: Path | None, **options: Any) -> None:
+    """Score MODEL (a checkpoint, a run id, or an MLflow model URI) on a split of DATA; log metrics and plots."""
+    from classifier.config import EvaluateConfig, build_config, load_section
+    from classifier.evaluate import evaluate
+
+    config = build_config(EvaluateConfig, load_section(config_path, "evaluate"), options, origin="evaluate")
+    result = evaluate(config, model, data)
+    for key, value in result.metrics.items():
+        interval = result.intervals.get(key)
+        click.echo(f"{key}: {value:.4f}" + (f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""))
+    click.echo(f"run {result.run_id}")

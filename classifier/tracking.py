@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +12,9 @@ from typing import Any
 
 import mlflow
 import requests
+from optuna import TrialPruned
 
+from classifier.data.layout import INFO_FILE, MANIFEST_FILE, DatasetInfo, read_manifest
 from classifier.errors import UserError
 
 DEFAULT_DATABASE = "mlflow.db"
@@ -78,7 +82,7 @@ def start_run(
     run = mlflow.start_run(**kwargs)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrialPruned):
         mlflow.flush_async_logging()
         mlflow.end_run("KILLED")
         raise
@@ -88,3 +92,148 @@ def start_run(
         raise
     mlflow.flush_async_logging()
     mlflow.end_run("FINISHED")
+
+
+def log_prepared_dataset(experiment: str, source: Path, output: Path, params: dict[str, Any], info: DatasetInfo) -> str:
+    """Record a `classifier prepare` run: settings, counts per split and class, skipped images, the manifest
+    and dataset.json as artifacts, and the manifest as the run's dataset input (lineage). Returns the run id."""
+    connect()
+    with start_run(experiment, run_name=f"prepare {output.name}", tags={"classifier.command": "prepare"}) as run:
+        settings = {key: value for key, value in params.items() if key != "experiment"}
+        settings.update(source=source, output=output, fingerprint=info.fingerprint)
+        logged = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the entry point's parameters
+        mlflow.log_params({key: str(value) for key, value in settings.items() if key not in logged})
+        counts = {f"images_{split}": sum(per_class.values()) for split, per_class in info.counts.items()}
+        for split, per_class in info.counts.items():
+            counts.update({_metric_name(f"images_{split}_{label}"): n for label, n in per_class.items()})
+        mlflow.log_metrics({**counts, "images_skipped": len(info.skipped)})
+        mlflow.log_artifact(str(output / MANIFEST_FILE), "dataset")
+        mlflow.log_artifact(str(output / INFO_FILE), "dataset")
+        manifest = mlflow.data.from_pandas(
+            read_manifest(output), source=str(output.resolve()), targets="label", name=output.name
+        )
+        mlflow.log_input(manifest, context="prepare")
+    return run.info.run_id
+
+
+def _metric_name(name: str) -> str:
+    """MLflow metric keys allow letters, digits and _ - . / : and spaces only."""
+    return re.sub(r"[^\w\-./: ]", "_", name)
+
+
+CHAMPION_ALIAS = "champion"
+
+
+def end_orphan_runs(experiment: str, tags: dict[str, str], status: str = "FAILED") -> list[str]:
+    """End the RUNNING runs of `experiment` carrying all `tags` (a dead worker's trial); return their ids."""
+    client = mlflow.MlflowClient()
+    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"]
+    runs = client.search_runs([experiment], filter_string=" and ".join(conditions))
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in runs]
+
+
+def log_summary(run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, Any]) -> None:
+    """Log a finished search's figures to `run_id` in one call."""
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        params=[mlflow.entities.Param(key, str(value)) for key, value in params.items()],
+        tags=[mlflow.entities.RunTag(key, str(value)) for key, value in tags.items()],
+    )
+
+
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
+    """Store a matplotlib figure as an artifact of `run_id`."""
+    mlflow.MlflowClient().log_figure(run_id, figure, artifact_file)
+
+
+def register_champion(
+    model_uri: str, name: str, metric: str, value: float, maximize: bool, tags: dict[str, Any]
+) -> str | None:
+    """Register `model_uri` as `name@champion` unless the current champion scored as well on `metric`.
+
+    Returns the new version, or None when the champion stays. The score lives in the version tags `metric`/`value`.
+    """
+    client = mlflow.MlflowClient()
+    if client.search_registered_models(filter_string=f"name = '{name}'"):
+        if any(version.source == model_uri for version in client.search_model_versions(f"name = '{name}'")):
+            return None  # already registered (by another worker of the same study)
+        champion = client.get_registered_model(name).aliases.get(CHAMPION_ALIAS)
+        if champion is not None:
+            current = client.get_model_version(name, champion).tags
+            if current.get("metric") == metric and "value" in current:
+                held = float(current["value"])
+                if (value <= held) if maximize else (value >= held):
+                    return None
+    version_tags = {**tags, "metric": metric, "value": repr(float(value))}
+    version = mlflow.register_model(model_uri, name, tags={key: str(item) for key, item in version_tags.items()})
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    return version.version
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log the active run's parameters in one batched call (values as strings, cut to MLflow's limit)."""
+    mlflow.log_params({key: str(value)[:6000] for key, value in params.items()}, synchronous=False)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Queue metrics for the active run (or `run_id`) as one asynchronous batch."""
+    mlflow.log_metrics(metrics, step=step, run_id=run_id, synchronous=False)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({key: str(value) for key, value in tags.items()}, synchronous=False)
+
+
+def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
+    """Upload every file under `folder` to the active run."""
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def log_dict(values: dict[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(values, artifact_file)
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def run_info(run_id: str) -> tuple[str, str, dict[str, str]]:
+    """(experiment id, status, tags) of `run_id`, or a UserError when there is no such run."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise UserError(f"run {run_id} not found at {tracking_uri()}; check --resume / MLFLOW_TRACKING_URI") from error
+    return run.info.experiment_id, run.info.status, run.data.tags
+
+
+def unfinished_run(experiment: str, tags: dict[str, str]) -> str | None:
+    """The latest run of `experiment` carrying `tags` that did not finish (killed, failed or never ended)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    conditions.append("attributes.status != 'FINISHED'")
+    runs = mlflow.MlflowClient().search_runs(
+        [found.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def download_artifact(run_id: str, path: str, destination: Path) -> Path | None:
+    """Fetch artifact `path` of `run_id` into `destination`; None when the run has no such artifact."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(destination)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
+def download_model(model_uri: str, destination: Path) -> Path:
+    """Fetch the files of a logged model (`models:/...`, `runs:/...`, or any MLflow artifact URI)."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise UserError(f"{model_uri}: cannot fetch the model ({str(error).splitlines()[0][:200]})") from error

@@ -60,6 +60,10 @@ def isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
+    import mlflow
+
+    # A URI set in-process (tracking.connect() in an earlier test) outranks the variable: point it here too.
+    mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -135,3 +139,45 @@ def postgres_available() -> bool:
 requires_postgres = pytest.mark.skipif(
     not postgres_available(), reason="needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres)"
 )
+
+
+def write_checkpoint(
+    path: Path,
+    classes: tuple[str, ...] = ("benign", "malignant"),
+    size: int = 32,
+    channels: int = 3,
+    threshold: float | None = None,
+) -> Path:
+    """A checkpoint of an untrained simple_cnn, as training writes it (plus resume-only optimizer state)."""
+    import torch
+
+    from classifier.models import create_model
+
+    torch.manual_seed(0)
+    network = create_model("simple_cnn", len(classes), channels)
+    checkpoint = {
+        "architecture": "simple_cnn",
+        "num_classes": len(classes),
+        "in_chans": channels,
+        "state_dict": network.state_dict(),
+        "classes": list(classes),
+        "preprocessing": {
+            "size": size,
+            "channels": channels,
+            "bit_depth": 8,
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+            "resize": "stretch",
+        },
+        "config": {"model": "simple_cnn"},
+        "threshold": threshold,
+        "optimizer": torch.optim.SGD(network.parameters(), lr=0.1).state_dict(),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A two-class (benign, malignant) 32 px RGB checkpoint file."""
+    return write_checkpoint(tmp_path / "checkpoint.pt")

@@ -1,0 +1,165 @@
+"""Inference throughput: `classifier predict` and `classifier serve`'s POST /predict against the bare PyTorch model.
+
+All label the same PNG files with the same network and batch size. The baseline runs the network on tensors that
+are already decoded, resized and normalised, so the ratios show what decoding, per-file error handling, the CSV and
+HTTP cost on top of the model itself.
+
+    python bench/predict_bench.py [--model simple_cnn] [--size 64] [--source-size 64] [--images 512] [--batch-size 64]
+
+`--source-size` sets the side of the PNG files (decoding and resizing grow with it); `--size` the model's input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from classifier.models import create_model
+from classifier.pyfunc import load_classifier
+
+BIN = Path(sys.executable).parent
+
+
+def write_images(folder: Path, count: int, size: int) -> list[Path]:
+    """`count` RGB PNGs of `size` px (smooth gradients plus noise, so PNG decoding does real work)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, size, dtype=np.float32)
+    paths = []
+    for index in range(count):
+        pixels = ramp[None, :, None] + ramp[:, None, None] * rng.random(3) + rng.normal(0, 12, (size, size, 3))
+        paths.append(folder / f"image_{index:05d}.png")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(paths[-1])
+    return paths
+
+
+def write_checkpoint(path: Path, model: str, size: int) -> Path:
+    torch.manual_seed(0)
+    network = create_model(model, 2, 3)
+    preprocessing = {"size": size, "channels": 3, "bit_depth": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    checkpoint = {"architecture": model, "num_classes": 2, "in_chans": 3, "state_dict": network.state_dict()}
+    checkpoint |= {"classes": ["a", "b"], "preprocessing": preprocessing | {"resize": "stretch"}, "threshold": None}
+    torch.save(checkpoint, path)
+    return path
+
+
+def best_rate(count: int, run: Callable[[], object], repeats: int) -> float:
+    """Images/s of the fastest of `repeats` timed calls of `run` (after one warm-up call): the least disturbed."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return count / min(times)
+
+
+def bare_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
+    """The network alone on preprocessed, normalised tensors held in memory."""
+    classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
+    tensors = classifier.normalise(torch.stack([classifier.preprocess(path) for path in paths]))
+
+    @torch.inference_mode()
+    def run() -> None:
+        for batch in tensors.split(batch_size):
+            classifier.network(batch).softmax(dim=1).numpy()
+
+    return best_rate(len(paths), run, repeats)
+
+
+def library_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
+    """`ImageClassifier.predict` over the files, in process: what `classifier predict` runs after start-up."""
+    classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
+    return best_rate(len(paths), lambda: classifier.predict(paths), repeats)
+
+
+def cli_seconds(checkpoint: Path, target: Path, batch_size: int, output: Path) -> float:
+    """Wall time of a `classifier predict` process over `target`, start-up included."""
+    command = [str(BIN / "classifier"), "predict", str(checkpoint), str(target), "--output", str(output)]
+    start = time.perf_counter()
+    subprocess.run([*command, "--batch-size", str(batch_size), "--device", "cpu"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def serve_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
+    """POST /predict of a running `classifier serve`, `batch_size` files per request, one request at a time."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(BIN / "classifier"), "serve", str(checkpoint), "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(
+        [*command, "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.25)
+        requests_files = [
+            [("files", (path.name, path.read_bytes(), "image/png")) for path in paths[start : start + batch_size]]
+            for start in range(0, len(paths), batch_size)
+        ]
+        with requests.Session() as session:
+
+            def run() -> None:
+                for files in requests_files:
+                    session.post(f"{url}/predict", files=files, timeout=300).raise_for_status()
+
+            return best_rate(len(paths), run, repeats)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="simple_cnn")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--source-size", type=int)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="Timed passes per method; the fastest counts.")
+    args = parser.parse_args()
+    source_size = args.source_size or args.size
+    threads = torch.get_num_threads()
+    setting = f"{args.model} at {args.size} px, batch {args.batch_size}, {threads} threads"
+    print(f"{args.images} PNGs of {source_size} px; {setting}")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        paths = write_images(scratch / "images", args.images, source_size)
+        write_images(scratch / "one", 1, source_size)
+        checkpoint = write_checkpoint(scratch / "checkpoint.pt", args.model, args.size)
+
+        bare = bare_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
+        library = library_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
+        startup = cli_seconds(checkpoint, scratch / "one", args.batch_size, scratch / "one.csv")
+        cli = cli_seconds(checkpoint, scratch / "images", args.batch_size, scratch / "all.csv")
+        served = serve_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
+
+    rows = [
+        ("bare model on preprocessed tensors", bare),
+        ("predict, in process (decode + model)", library),
+        (f"classifier predict CLI, incl. {startup:.1f} s start-up", args.images / cli),
+        ("classifier predict CLI, start-up excluded", args.images / max(cli - startup, 1e-9)),
+        (f"classifier serve POST /predict ({args.batch_size} files/request)", served),
+    ]
+    for name, rate in rows:
+        print(f"{name:<58} {rate:9.1f} images/s  {rate / bare:6.3f}x bare")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Search figures on PneumoniaMNIST: trials/hour with 1 and 2 workers, and epochs saved by median pruning.
+
+1. Throughput: the same study (no pruning) with `--n-workers 1` and `--n-workers 2`, one CPU thread per worker, so
+   the ratio shows what the launcher, the shared journal storage and MLflow tracking cost. Target: >= 1.8x.
+2. Pruning: a random-sampler study without pruning, then the same sampler seed (hence the same trials) with median
+   pruning; epochs spent until each study first reached the unpruned study's best validation score. Target <= 0.5x.
+
+    python bench/search_bench.py [PREPARED_DATASET] [--part throughput|pruning|all] [--train-images 1200]
+
+Without a dataset it prepares ../shared/data/pneumoniamnist_trainval.npz at 28 px in a temporary folder: a seeded
+random subset of `--train-images` training images (0: all 4708) and the whole validation split (524 images), so
+that each part runs in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from classifier.config import PrepareConfig, SearchConfig, TrainConfig, build_config
+from classifier.data.prepare import prepare
+from classifier.search import search
+from classifier.search_storage import open_storage
+
+NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
+TRAIN = {"model": "simple_cnn", "batch_size": 128, "num_workers": 0, "system_metrics": False, "amp": "off"}
+
+
+def pneumonia_subset(scratch: Path, train_images: int) -> Path:
+    """PneumoniaMNIST prepared at 28 px, with a seeded random subset of its training images."""
+    arrays = dict(np.load(NPZ))
+    if train_images:
+        keep = np.sort(np.random.default_rng(0).permutation(len(arrays["train_labels"]))[:train_images])
+        arrays["train_images"], arrays["train_labels"] = arrays["train_images"][keep], arrays["train_labels"][keep]
+    np.savez(scratch / "pneumonia.npz", **arrays)
+    prepare(scratch / "pneumonia.npz", scratch / "pneumonia", PrepareConfig(size=28))
+    return scratch / "pneumonia"
+
+
+def run_study(scratch: Path, data: Path, name: str, train: dict, search_options: dict) -> tuple[float, optuna.Study]:
+    """Run one study tracked in its own folder; return its wall time and the finished study."""
+    folder = scratch / name
+    folder.mkdir()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    config = build_config(
+        SearchConfig, {"study_name": name, "storage": str(folder / "optuna.journal"), **search_options}
+    )
+    started = time.perf_counter()
+    search(config, build_config(TrainConfig, TRAIN, train, {"output_dir": str(folder / "outputs")}), data)
+    elapsed = time.perf_counter() - started
+    return elapsed, optuna.load_study(study_name=name, storage=open_storage(config.storage))
+
+
+def epochs_to_reach(study: optuna.Study, target: float) -> int | None:
+    """Epochs trained, in trial order, until a trial first scored `target` or better (None: never)."""
+    spent = 0
+    for trial in sorted(study.trials, key=lambda trial: trial.number):
+        spent += len(trial.intermediate_values)
+        if trial.value is not None and trial.value >= target:
+            return spent
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", type=Path, help="prepared dataset (default: PneumoniaMNIST at 28 px)")
+    parser.add_argument("--part", choices=["throughput", "pruning", "all"], default="all")
+    parser.add_argument("--train-images", type=int, default=1200, help="training subset size (0: all)")
+    parser.add_argument("--throughput-trials", type=int, default=6)
+    parser.add_argument("--pruning-trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per trial in the pruning comparison")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="search-bench-"))
+    data = args.data or pneumonia_subset(scratch, args.train_images)
+
+    space = {
+        "lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    }
+    if args.part in ("throughput", "all"):
+        measure_throughput(scratch, data, space, args.throughput_trials)
+    if args.part in ("pruning", "all"):
+        measure_pruning(scratch, data, space, args.pruning_trials, args.epochs)
+
+
+def measure_throughput(scratch: Path, data: Path, space: dict, trials: int) -> None:
+    """Trials/hour over the whole command (with worker start-up) and steady (first trial start to last trial end)."""
+    rates = {}
+    for workers in (1, 2):
+        options = {"n_trials": trials, "n_workers": workers, "threads_per_worker": 1, "pruner": "none"}
+        elapsed, study = run_study(scratch, data, f"throughput-{workers}", {"epochs": 2}, {**options, "space": space})
+        first = min(trial.datetime_start for trial in study.trials)
+        last = max(trial.datetime_complete for trial in study.trials)
+        steady = (last - first).total_seconds()
+        rates[workers] = (trials / elapsed * 3600, trials / steady * 3600)
+        print(
+            f"{workers} worker(s): {trials} trials in {elapsed:.0f} s = {rates[workers][0]:.0f} trials/h; "
+            f"steady {steady:.0f} s = {rates[workers][1]:.0f} trials/h"
+        )
+    whole, steady = (rates[2][index] / rates[1][index] for index in (0, 1))
+    print(f"throughput 2 vs 1 workers: {whole:.2f}x whole command, {steady:.2f}x steady (target >= 1.8x)")
+
+
+def measure_pruning(scratch: Path, data: Path, space: dict, trials: int, epochs: int) -> None:
+    common = {"n_trials": trials, "sampler": "random", "seed": 7, "space": space, "startup_trials": 3}
+    _, full = run_study(scratch, data, "no-pruning", {"epochs": epochs}, {**common, "pruner": "none"})
+    _, pruned = run_study(scratch, data, "median-pruning", {"epochs": epochs}, {**common, "pruner": "median"})
+    target = full.best_value
+    full_epochs, pruned_epochs = epochs_to_reach(full, target), epochs_to_reach(pruned, target)
+    total_full = sum(len(trial.intermediate_values) for trial in full.trials)
+    total_pruned = sum(len(trial.intermediate_values) for trial in pruned.trials)
+    print(f"best val_roc_auc {target:.4f} (trial {full.best_trial.number}); its best-epoch metrics:")
+    for key, value in sorted(full.best_trial.user_attrs["best_metrics"].items()):
+        if key in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc", "val_macro_f1", "val_pr_auc"):
+            print(f"  {key} {value:.4f}")
+    print(f"pruned trials: {sum(trial.state.name == 'PRUNED' for trial in pruned.trials)} of {len(pruned.trials)}")
+    if pruned_epochs is None:
+        print(f"median pruning never reached it (pruned the best trial); its best: {pruned.best_value:.4f}")
+    else:
+        print(f"epochs to reach it: {full_epochs} without pruning, {pruned_epochs} with median pruning")
+        print(f"epochs ratio pruned / unpruned: {pruned_epochs / full_epochs:.2f}x (target <= 0.5x)")
+    print(f"whole study: {total_full} vs {total_pruned} epochs = {total_pruned / total_full:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Training throughput of `fit`'s loop against a bare PyTorch loop over the same in-memory tensors.
+
+Both train the same model with the same batch size on the same decoded images (no augmentation), so the ratio
+shows what the data pipeline, AMP/channels_last plumbing and progress bars cost. Target: >= 0.9x.
+
+    python bench/train_bench.py [PREPARED_DATASET] [--model simple_cnn] [--batch-size 128] [--epochs 2]
+
+Without a dataset it prepares PneumoniaMNIST (../shared/data) at 28 px, or generated images when that is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classifier.config import PrepareConfig, TrainConfig
+from classifier.data.layout import read_info
+from classifier.data.prepare import prepare
+from classifier.models import create_model
+from classifier.train import Trainer, _datasets, make_loader, resolve_device
+
+NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
+
+
+def prepared_dataset(scratch: Path) -> Path:
+    output = scratch / "prepared"
+    if NPZ.is_file():
+        prepare(NPZ, output, PrepareConfig(size=28))
+        return output
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import write_class_folders
+
+    write_class_folders(scratch / "images", {"a": 1500, "b": 1500}, size=(28, 28))
+    prepare(scratch / "images", output, PrepareConfig(size=28))
+    return output
+
+
+def pipeline_images_per_second(config: TrainConfig, data: Path, epochs: int) -> float:
+    """Images/s of `Trainer.train_one_epoch` over `make_loader`: the code `fit` runs each epoch."""
+    info = read_info(data)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    trainer = Trainer(config, info, create_model(config.model, len(info.classes), info.channels), device)
+    train_set, _ = _datasets(config, data, info, None)
+    trainer.set_criterion(np.bincount(train_set.labels, minlength=len(info.classes)))
+    loader = make_loader(train_set, config, device, torch.Generator().manual_seed(config.seed), shuffle=True)
+    trainer.train_one_epoch(loader)  # warm-up
+    start = time.perf_counter()
+    for _ in range(epochs):
+        trainer.train_one_epoch(loader)
+    _synchronise(device)
+    return epochs * len(train_set) / (time.perf_counter() - start)
+
+
+def bare_images_per_second(config: TrainConfig, data: Path, epochs: int) -> float:
+    """The same model, batch size and decoded uint8 tensors, in the plainest PyTorch loop."""
+    info = read_info(data)
+    device = resolve_device(config.device)
+    train_set, _ = _datasets(config, data, info, None)
+    images = torch.from_numpy(train_set.arrays.images[train_set.indices]).to(device)
+    labels = torch.from_numpy(train_set.labels).to(device)
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, len(info.classes), info.channels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def one_epoch() -> None:
+        model.train()
+        for batch in torch.randperm(len(labels), device=device).split(config.batch_size):
+            inputs = (images[batch].float() / 255 - mean) / std
+            loss = criterion(model(inputs), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    one_epoch()  # warm-up
+    start = time.perf_counter()
+    for _ in range(epochs):
+        one_epoch()
+    _synchronise(device)
+    return epochs * len(labels) / (time.perf_counter() - start)
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", type=Path)
+    parser.add_argument("--model", default="simple_cnn")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="Alternate the two loops this many times.")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    config = TrainConfig(model=args.model, batch_size=args.batch_size, augment="none", device=args.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data or prepared_dataset(Path(scratch))
+        bare, pipeline = [], []
+        for _ in range(args.rounds):
+            bare.append(bare_images_per_second(config, data, args.epochs))
+            pipeline.append(pipeline_images_per_second(config, data, args.epochs))
+    print(f"model {args.model}, batch {args.batch_size}, device {resolve_device(args.device)}, {args.epochs} epochs")
+    print(f"bare PyTorch loop: {max(bare):8.0f} images/s (best of {args.rounds})")
+    print(f"classifier fit:    {max(pipeline):8.0f} images/s (best of {args.rounds})")
+    print(f"ratio:             {max(pipeline) / max(bare):8.2f}x (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

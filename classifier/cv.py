@@ -1,0 +1,92 @@
+"""cross_validate(config, data): one parent run, one nested fit per prepared fold, mean/std and out-of-fold report."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from classifier import tracking
+from classifier.config import TrainConfig
+from classifier.data.dataset import CachedImages, batched, fit_indices, load_split
+from classifier.data.layout import read_info
+from classifier.data.transforms import Normalise
+from classifier.errors import UserError
+from classifier.metrics import classification_metrics
+from classifier.models import model_from_checkpoint
+from classifier.plots import write_report
+from classifier.train import config_dict, fit, metric_name, predict_batches, resolve_device
+
+
+@dataclass
+class CVResult:
+    """The parent run, its fold runs, and the mean and std over folds of each best-epoch metric."""
+
+    run_id: str
+    fold_run_ids: list[str]
+    mean: dict[str, float]
+    std: dict[str, float]
+    out_of_fold: dict[str, float]
+
+
+def cross_validate(
+    config: TrainConfig,
+    data: Path,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    log_model: bool = False,
+) -> CVResult:
+    """Fit each fold of a `--folds K` dataset in a child run of one parent run that summarises them."""
+    data = Path(data)
+    info = read_info(data)
+    if not info.folds:
+        raise UserError(f"{data}: has no folds; prepare it with `classifier prepare --folds K` to cross-validate")
+    tracking.connect()
+    training = load_split(data, "training", config.cache)
+    labels = np.empty(len(training.labels), dtype=np.int64)
+    probabilities = np.empty((len(training.labels), len(info.classes)), dtype=np.float32)
+    with tracking.start_run(
+        config.experiment, run_name or "cv", {**(tags or {}), "classifier.cv": "parent"}, parent_run_id
+    ):
+        parent = tracking.active_run_id()
+        tracking.log_params({**config_dict(config), "folds": info.folds, "data_fingerprint": info.fingerprint})
+        results = []
+        for fold in tqdm(range(info.folds), desc="folds", unit="fold"):
+            result = fit(config, data, parent_run_id=parent, run_name=f"fold-{fold}", fold=fold, log_model=log_model)
+            results.append(result)
+            rows = fit_indices(info, training, fold)[1]
+            labels[rows], probabilities[rows] = _predict_fold(result.checkpoint, training, rows, config)
+        keys = [key for key in results[0].best_metrics if key.startswith("val_")]
+        values = {key: np.array([result.best_metrics[key] for result in results]) for key in keys}
+        mean = {key: float(np.nanmean(value)) for key, value in values.items()}
+        std = {key: float(np.nanstd(value, ddof=1)) for key, value in values.items()}
+        out_of_fold = classification_metrics(labels, probabilities, info.classes)
+        summary = {f"{key}_mean": value for key, value in mean.items()}
+        summary.update({f"{key}_std": value for key, value in std.items()})
+        summary.update({metric_name(f"oof_{key}"): value for key, value in out_of_fold.items()})
+        tracking.log_metrics(summary)
+        with tempfile.TemporaryDirectory() as scratch:
+            write_report(Path(scratch), labels, probabilities, info.classes)
+            tracking.log_artifacts(Path(scratch), "out_of_fold")
+    return CVResult(parent, [result.run_id for result in results], mean, std, out_of_fold)
+
+
+def _predict_fold(
+    checkpoint_path: Path, training: Any, rows: np.ndarray, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best checkpoint's probabilities on its held-out fold."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    device = resolve_device(config.device)
+    model = model_from_checkpoint(checkpoint).to(device)
+    normalise = Normalise(checkpoint["preprocessing"]["mean"], checkpoint["preprocessing"]["std"]).to(device)
+    loader = DataLoader(CachedImages(training, rows), batch_size=config.batch_size * 2, collate_fn=batched)
+    labels, _, probabilities = predict_batches(model, loader, lambda images: normalise(images.to(device)))
+    return labels, probabilities

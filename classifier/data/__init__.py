@@ -1,0 +1,1 @@
+"""Turning image sources into prepared datasets, and reading them back."""

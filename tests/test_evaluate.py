@@ -1,0 +1,80 @@
+"""`classifier evaluate`: a checkpoint, a run id or a logged model scored on a split, with bootstrap CIs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from prepared import prepared_dataset
+
+from classifier.cli import main
+from classifier.config import EvaluateConfig, TrainConfig
+from classifier.data.dataset import load_split
+from classifier.data.transforms import Normalise
+from classifier.errors import UserError
+from classifier.evaluate import evaluate
+from classifier.metrics import classification_metrics
+from classifier.models import create_model, model_from_checkpoint
+from classifier.train import fit
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[Path, object]:
+    data = prepared_dataset(tmp_path, {"benign": 15, "malignant": 15})
+    config = TrainConfig(epochs=1, batch_size=8, augment="none", system_metrics=False, output_dir=tmp_path / "out")
+    return data, fit(config, data)
+
+
+def test_evaluate_scores_the_test_split_like_sklearn_and_logs_it(trained: tuple[Path, object]) -> None:
+    data, result = trained
+
+    evaluation = evaluate(EvaluateConfig(bootstrap=200), str(result.checkpoint), data)
+
+    checkpoint = torch.load(result.checkpoint, weights_only=True)
+    test = load_split(data, "test")
+    normalise = Normalise(checkpoint["preprocessing"]["mean"], checkpoint["preprocessing"]["std"])
+    with torch.no_grad():
+        logits = model_from_checkpoint(checkpoint)(normalise(torch.from_numpy(test.images)))
+    expected = classification_metrics(test.labels, logits.softmax(1).numpy(), ["benign", "malignant"])
+    assert evaluation.metrics == pytest.approx(expected)
+    for name, (low, high) in evaluation.intervals.items():
+        assert low <= evaluation.metrics[name] <= high
+    run = mlflow.MlflowClient().get_run(evaluation.run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(expected["accuracy"])
+    assert {"test_accuracy_ci_low", "test_roc_auc_ci_high", "test_macro_f1_ci_low"} <= set(run.data.metrics)
+    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(evaluation.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/roc_curve.png"} <= artifacts
+
+    printed = CliRunner().invoke(main, ["evaluate", str(result.checkpoint), str(data), "--bootstrap", "100"]).output
+    interval = re.search(r"accuracy: ([\d.]+) \(95% CI ([\d.]+)-([\d.]+)\)", printed)
+    assert interval is not None, printed
+    assert float(interval[2]) <= float(interval[1]) == pytest.approx(expected["accuracy"], abs=1e-4)
+    assert float(interval[1]) <= float(interval[3])
+
+
+def test_evaluate_accepts_a_run_id_or_a_logged_model_with_tta(trained: tuple[Path, object]) -> None:
+    data, result = trained
+    config = EvaluateConfig(bootstrap=0, tta=True, split="validation")
+
+    by_file = evaluate(config, str(result.checkpoint), data)
+    by_run = evaluate(config, result.run_id, data)
+    by_model = evaluate(config, result.model_uri, data)
+
+    assert by_run.metrics == by_file.metrics == by_model.metrics
+    assert by_file.intervals == {}
+
+
+def test_evaluate_rejects_a_model_trained_on_other_classes(tmp_path: Path) -> None:
+    data = prepared_dataset(tmp_path, {"cat": 5, "dog": 5, "eel": 5})
+    checkpoint = tmp_path / "two-classes.pt"
+    model = create_model("simple_cnn", 2, 3)
+    described = {"architecture": "simple_cnn", "num_classes": 2, "in_chans": 3, "state_dict": model.state_dict()}
+    described.update(classes=["benign", "malignant"], preprocessing={"size": 16, "channels": 3})
+    torch.save(described, checkpoint)
+
+    with pytest.raises(UserError, match=r"trained on classes \['benign', 'malignant'\]"):
+        evaluate(EvaluateConfig(), str(checkpoint), data)

@@ -1,0 +1,189 @@
+"""The docker-compose topology without Docker: PostgreSQL, an `mlflow server` on PostgreSQL + S3 (moto), workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import mlflow
+import optuna
+import psycopg2
+import pytest
+import yaml
+from conftest import free_port, requires_postgres, wait_for_http, write_class_folders
+from optuna.trial import TrialState
+
+from classifier.config import PrepareConfig
+from classifier.data.prepare import prepare
+from classifier.search_storage import open_storage
+
+pytestmark = [pytest.mark.slow, requires_postgres]
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 8, "model": "simple_cnn", "system_metrics": False, "num_workers": 0}
+CLASSIFIER = [str(Path(sys.executable).parent / "classifier")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared two-class dataset (16 px, half training, half validation), shared by this module's tests."""
+    root = tmp_path_factory.mktemp("dataset")
+    source = write_class_folders(root / "source", {"benign": 16, "malignant": 16}, size=(16, 16))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # prepare tracks only when asked to
+        prepare(source, root / "data", PrepareConfig(size=16, fractions=[0.5, 0.5, 0.0], workers=1))
+    return root / "data"
+
+
+def create_database() -> str:
+    """A throwaway PostgreSQL database; returns its SQLAlchemy URL."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_database(url: str) -> None:
+    connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+    connection.close()
+
+
+@pytest.fixture
+def optuna_database() -> Iterator[str]:
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture
+def s3_mlflow_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """moto's S3 server with a bucket, and an `mlflow server` storing runs in PostgreSQL and artifacts in S3."""
+    s3_env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3_port, mlflow_port = free_port(), free_port()
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    backend = create_database().replace("postgresql://", "postgresql+psycopg2://")  # mlflow defaults to psycopg 3
+    log = open(tmp_path / "servers.log", "wb")  # noqa: SIM115 - closed with the processes
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-p", str(s3_port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    server = None
+    try:
+        wait_for_http(f"{s3_url}/moto-api/", moto)
+        boto3.client("s3", endpoint_url=s3_url, **_boto(s3_env)).create_bucket(Bucket="mlflow")
+        command = [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port)),
+            *("--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts"),
+        ]
+        env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for_http(f"http://127.0.0.1:{mlflow_port}/health", server)
+        yield f"http://127.0.0.1:{mlflow_port}", s3_url
+    finally:
+        for process in (server, moto):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+        log.close()
+        drop_database(backend)
+
+
+def _boto(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def write_config(path: Path, search: dict, train: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **(train or {})}, "search": search}))
+    return path
+
+
+def test_two_workers_on_postgres_share_one_study(tmp_path, dataset, optuna_database, s3_mlflow_server):
+    tracking_uri, s3_url = s3_mlflow_server
+    config = write_config(
+        tmp_path / "experiment.yaml",
+        {"n_trials": 3, "pruner": "none", "register_as": f"shared-{tmp_path.name}", "threads_per_worker": 1},
+        {"epochs": 1},
+    )
+    command = [*CLASSIFIER, "search", str(dataset), "--config", str(config), "--storage", optuna_database]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # Like two `worker` containers: two processes started together on one study.
+    workers = [
+        subprocess.Popen([*command, "--study-name", "shared"], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr.decode()[-2000:]
+
+    study = optuna.load_study(study_name="shared", storage=open_storage(optuna_database))
+    assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 3
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("classifier").experiment_id],
+        filter_string="tags.optuna_study = 'shared'",
+    )
+    trial_numbers = [run.data.tags["optuna_trial"] for run in runs if "optuna_trial" in run.data.tags]
+    assert sorted(trial_numbers) == ["0", "1", "2"]
+    assert {trial.user_attrs["mlflow_run_id"] for trial in study.trials} == {
+        run.info.run_id for run in runs if "optuna_trial" in run.data.tags
+    }
+    champion = client.get_model_version_by_alias(f"shared-{tmp_path.name}", "champion")
+    assert champion.tags["trial"] == str(study.best_trial.number)
+    stored = boto3.client(
+        "s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).list_objects_v2(Bucket="mlflow")
+    assert any(item["Key"].endswith("MLmodel") for item in stored.get("Contents", []))
+
+
+def test_killed_worker_trial_is_failed_and_retried_on_resume(tmp_path, dataset, optuna_database):
+    config = write_config(
+        tmp_path / "experiment.yaml",
+        {"n_trials": 1, "pruner": "none", "heartbeat_interval": 1, "grace_period": 3, "study_name": "killed"},
+        {"epochs": 3},
+    )
+    command = [*CLASSIFIER, "search", str(dataset), "--config", str(config), "--storage", optuna_database]
+    worker = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    storage = open_storage(optuna_database)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and worker.poll() is None:
+        trials = optuna.load_study(study_name="killed", storage=storage).trials if _has_study(storage) else []
+        if trials and trials[0].intermediate_values:
+            break
+        time.sleep(0.2)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert optuna.load_study(study_name="killed", storage=storage).trials[0].state == TrialState.RUNNING
+    time.sleep(4)  # past the grace period: the trial's heartbeat is stale
+
+    subprocess.run(command, cwd=tmp_path, check=True, timeout=300)
+
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert trials[0].state == TrialState.FAIL
+    retried = [trial for trial in trials if trial.user_attrs.get("retry_of") == 0]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == trials[0].params
+    assert [trial.state for trial in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [client.get_experiment_by_name("classifier").experiment_id], filter_string="tags.optuna_trial = '0'"
+    )
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def _has_study(storage: optuna.storages.RDBStorage) -> bool:
+    return any(summary.study_name == "killed" for summary in optuna.get_all_study_summaries(storage))

@@ -1,0 +1,255 @@
+"""fit / `classifier train` on tiny prepared datasets: learning, tracking, resume, freezing, bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, free_port
+from prepared import prepared_dataset
+
+from classifier.cli import main
+from classifier.config import TrainConfig
+from classifier.data.dataset import CachedImages, load_split
+from classifier.errors import UserError
+from classifier.models import create_model, head_and_backbone
+from classifier.train import EpochScheduler, fit, make_loader, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepared_dataset(tmp_path_factory.mktemp("three"), {"red": 20, "green": 20, "blue": 20})
+
+
+@pytest.fixture(scope="module")
+def grey_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepared_dataset(tmp_path_factory.mktemp("grey"), {"benign": 20, "malignant": 20}, mode="L")
+
+
+def quick(tmp_path: Path, **options) -> TrainConfig:
+    values = dict(epochs=2, batch_size=8, lr=3e-3, augment="none", system_metrics=False, num_workers=0)
+    return TrainConfig(**{**values, "output_dir": tmp_path / "outputs", **options})
+
+
+def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_path: Path) -> None:
+    result = fit(quick(tmp_path, epochs=3), three_classes, run_name="tiny")
+
+    assert result.monitor == "val_macro_f1"
+    assert result.best_metrics["val_accuracy"] >= 0.7  # chance is 1/3
+    assert result.epochs_run == 3 and result.checkpoint.is_file() and result.model_uri
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params["model"] == "simple_cnn" and run.data.params["epochs"] == "3"
+    expected = {"train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc"}
+    expected |= {"val_pr_auc", "val_recall_red", "val_recall_green", "val_recall_blue", "lr"}
+    assert expected <= set(run.data.metrics)
+    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")) == 3
+    artifacts = {
+        item.path
+        for folder in ("evaluation", "checkpoints")
+        for item in mlflow.MlflowClient().list_artifacts(result.run_id, folder)
+    }
+    reports = {"confusion_matrix.png", "confusion_matrix_normalised.png", "roc_curve.png", "pr_curve.png"}
+    reports |= {"learning_curves.png", "classification_report.txt", "classification_report.json"}
+    assert {f"evaluation/{name}" for name in reports} <= artifacts
+    assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+    checkpoint = torch.load(result.checkpoint, weights_only=True)
+    assert checkpoint["classes"] == ["blue", "green", "red"]
+    assert checkpoint["preprocessing"]["size"] == 16 and checkpoint["in_chans"] == 3
+
+
+def test_killed_run_resumes_in_the_same_run_and_ends_as_if_never_stopped(grey_pair: Path, tmp_path: Path) -> None:
+    config = quick(tmp_path, epochs=3, scheduler="cosine", warmup_epochs=1)
+    uninterrupted = fit(config, grey_pair, log_model=False)
+
+    def kill_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    other = quick(tmp_path, epochs=3, scheduler="cosine", warmup_epochs=1, experiment="again")
+    with pytest.raises(KeyboardInterrupt):
+        fit(other, grey_pair, on_epoch_end=kill_after_first_epoch, log_model=False)
+    killed = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("again").experiment_id])[0]
+    assert killed.info.status == "KILLED"
+
+    resumed = fit(other, grey_pair, log_model=False)  # the same command again
+
+    assert resumed.run_id == killed.info.run_id
+    assert mlflow.MlflowClient().get_run(resumed.run_id).info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(resumed.run_id, "val_loss")
+    assert sorted(metric.step for metric in history) == [0, 1, 2]
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    assert resumed.best_metrics == uninterrupted.best_metrics
+    final = [
+        torch.load(result.checkpoint.with_name("last.pt"), weights_only=True) for result in (uninterrupted, resumed)
+    ]
+    for name, tensor in final[0]["state_dict"].items():
+        assert torch.equal(tensor, final[1]["state_dict"][name]), name
+
+
+def test_frozen_backbone_gets_no_updates_then_trains_with_a_lower_lr(grey_pair: Path, tmp_path: Path) -> None:
+    initial = create_model("simple_cnn", 2, 1)
+    weights = tmp_path / "initial.pt"
+    torch.save(initial.state_dict(), weights)
+    config = quick(tmp_path, epochs=2, freeze_epochs=1, backbone_lr_scale=0.1, weights=weights, scheduler="none")
+    stages = []
+
+    def snapshot(epoch: int, metrics: dict[str, float]) -> None:
+        run_folder = next((tmp_path / "outputs").iterdir())
+        stages.append(torch.load(run_folder / "last.pt", weights_only=True))
+
+    fit(config, grey_pair, on_epoch_end=snapshot, log_model=False)
+
+    head, backbone = head_and_backbone(initial)
+    names = {id(parameter): name for name, parameter in initial.named_parameters()}
+    start = initial.state_dict()
+    for parameter in backbone:
+        assert torch.equal(stages[0]["state_dict"][names[id(parameter)]], start[names[id(parameter)]])
+        assert not torch.equal(stages[1]["state_dict"][names[id(parameter)]], start[names[id(parameter)]])
+    for parameter in head:
+        assert not torch.equal(stages[0]["state_dict"][names[id(parameter)]], start[names[id(parameter)]])
+    head_group, backbone_group = stages[1]["optimizer"]["param_groups"]
+    assert backbone_group["lr"] == pytest.approx(head_group["lr"] * 0.1)
+
+
+def test_pretrained_efficientnet_lite0_fine_tunes_offline(grey_pair: Path, tmp_path: Path) -> None:
+    config = quick(tmp_path, model="efficientnet_lite0", pretrained=True, epochs=2, freeze_epochs=1, lr=1e-2)
+    config.channels_last = True
+
+    result = fit(config, grey_pair, log_model=False)
+
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")
+    assert history[-1].value < history[0].value
+    assert result.best_metrics["val_accuracy"] > 0.5
+
+
+def test_weighted_sampler_balances_batches(tmp_path: Path) -> None:
+    root = prepared_dataset(tmp_path, {"common": 36, "rare": 6})
+    training = CachedImages(load_split(root, "training"))
+    config = quick(tmp_path, sampler="weighted", batch_size=1000)
+    loader = make_loader(training, config, torch.device("cpu"), torch.Generator().manual_seed(0), shuffle=True)
+
+    drawn = np.concatenate([labels.numpy() for _ in range(20) for _, labels in loader])
+    assert np.bincount(training.labels).min() < len(training) / 4
+    assert abs(drawn.mean() - 0.5) < 0.05
+
+
+def test_cli_merges_yaml_and_command_line(grey_pair: Path, tmp_path: Path) -> None:
+    yaml_file = tmp_path / "experiment.yaml"
+    yaml_file.write_text("train:\n  epochs: 3\n  lr: 0.005\n  augment: none\n  system_metrics: false\n")
+    output = tmp_path / "outputs"
+
+    result = CliRunner().invoke(
+        main, ["train", str(grey_pair), "--config", str(yaml_file), "--epochs", "1", "--output-dir", str(output)]
+    )
+
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"^run ([0-9a-f]{32}):", result.output, re.MULTILINE).group(1)
+    params = mlflow.MlflowClient().get_run(run_id).data.params
+    assert (params["epochs"], params["lr"], params["augment"]) == ("1", "0.005", "none")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "resnet81"], "did you mean"),
+        (["--batch-size", "0"], "'batch_size' must be >= 1"),
+        (["--lr", "-1"], "'lr' must be > 0"),
+        (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
+    ],
+)
+def test_bad_options_fail_with_one_line_and_nothing_logged(grey_pair: Path, arguments: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["train", str(grey_pair), *arguments])
+
+    assert result.exit_code == 1 and message in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_a_folder_that_is_not_prepared_is_a_user_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["train", str(tmp_path)])
+
+    assert result.exit_code == 1 and "not a prepared dataset" in result.output
+
+
+def test_out_of_memory_says_to_lower_the_batch_size(
+    grey_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exhausted(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("classifier.models.SimpleCNN.forward", exhausted)
+
+    with pytest.raises(UserError, match="at batch size 8; lower --batch-size"):
+        fit(quick(tmp_path), grey_pair)
+
+
+def test_unreachable_tracking_server_fails_within_ten_seconds(
+    grey_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+
+    result = CliRunner().invoke(main, ["train", str(grey_pair), "--output-dir", str(tmp_path)])
+
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1 and "tracking server unreachable" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point(grey_pair: Path, tmp_path: Path, isolated_tracking: str) -> None:
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local"]
+    command += ["-P", f"data={grey_pair}", "-P", "epochs=1", "-P", "batch_size=8", "--experiment-name", "entry"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `classifier` for MLproject's command
+    environment = {**os.environ, "PATH": path}
+    process = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+
+    assert process.returncode == 0, process.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["entry"])
+    assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
+    assert "metrics.val_roc_auc" in runs.columns and runs.loc[0, "params.batch_size"] == "8"
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_gain(grey_pair: Path, tmp_path: Path) -> None:
+    config = quick(tmp_path, epochs=5, lr=1e-12, monitor="accuracy", patience=1)
+
+    result = fit(config, grey_pair, log_model=False)
+
+    assert (result.best_epoch, result.epochs_run, result.monitor) == (0, 2, "val_accuracy")
+
+
+def test_schedule_warms_up_then_follows_the_cosine() -> None:
+    model = create_model("simple_cnn", 2, 1)
+    config = TrainConfig(epochs=5, lr=0.1, warmup_epochs=2, scheduler="cosine")
+    optimizer = make_optimizer(model, config)
+    schedule = EpochScheduler(optimizer, config, maximise=True)
+
+    rates = []
+    for _ in range(config.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        schedule.step(0.0)
+
+    assert rates[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
+    assert rates[2] > rates[3] > rates[4] > 0
+
+
+def test_memory_mapped_cache_holds_the_same_pixels(grey_pair: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "prepared"
+    shutil.copytree(grey_pair, copy)
+
+    in_memory = load_split(copy, "training", cache="memory")
+    mapped = load_split(copy, "training", cache="memmap")
+
+    assert isinstance(mapped.images, np.memmap) and list((copy / ".cache").glob("*.npy"))
+    assert np.array_equal(np.asarray(mapped.images), in_memory.images)
+    assert np.array_equal(mapped.labels, in_memory.labels)
