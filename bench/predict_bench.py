@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,21 @@ def write_checkpoint(path: Path, model: str, size: int) -> Path:
     return path
 
 
-def best_rate(count: int, run: Callable[[], object], repeats: int) -> float:
-    """Images/s of the fastest of `repeats` timed calls of `run` (after one warm-up call): the least disturbed."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def fastest_rates(count: int, methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Images/s of each method's fastest of `repeats` timed calls, taken in turns (after one warm-up call each), so
+    that load from elsewhere on the machine disturbs all methods alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for run in methods.values():
         run()
-        times.append(time.perf_counter() - start)
-    return count / min(times)
+    for _ in range(repeats):
+        for name, run in methods.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: count / min(seconds) for name, seconds in times.items()}
 
 
-def bare_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
+def bare_model(checkpoint: Path, paths: list[Path], batch_size: int) -> Callable[[], None]:
     """The network alone on preprocessed, normalised tensors held in memory."""
     classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
     tensors = classifier.normalise(torch.stack([classifier.preprocess(path) for path in paths]))
@@ -75,13 +79,13 @@ def bare_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int,
         for batch in tensors.split(batch_size):
             classifier.network(batch).softmax(dim=1).numpy()
 
-    return best_rate(len(paths), run, repeats)
+    return run
 
 
-def library_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
-    """`ImageClassifier.predict` over the files, in process: what `classifier predict` runs after start-up."""
+def in_process_predict(checkpoint: Path, paths: list[Path], batch_size: int) -> Callable[[], object]:
+    """`ImageClassifier.predict` over the files: what `classifier predict` runs after start-up."""
     classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
-    return best_rate(len(paths), lambda: classifier.predict(paths), repeats)
+    return lambda: classifier.predict(paths)
 
 
 def cli_seconds(checkpoint: Path, target: Path, batch_size: int, output: Path) -> float:
@@ -92,37 +96,41 @@ def cli_seconds(checkpoint: Path, target: Path, batch_size: int, output: Path) -
     return time.perf_counter() - start
 
 
-def serve_images_per_second(checkpoint: Path, paths: list[Path], batch_size: int, repeats: int) -> float:
-    """POST /predict of a running `classifier serve`, `batch_size` files per request, one request at a time."""
+@contextmanager
+def served(checkpoint: Path, batch_size: int) -> Iterator[str]:
+    """A running `classifier serve` of `checkpoint`; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [str(BIN / "classifier"), "serve", str(checkpoint), "--port", str(port), "--device", "cpu"]
-    server = subprocess.Popen(
-        [*command, "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command += ["--batch-size", str(batch_size)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        while server.poll() is None:
             try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
+                requests.get(f"{url}/health", timeout=1).raise_for_status()
+                break
             except requests.ConnectionError:
                 time.sleep(0.25)
-        requests_files = [
-            [("files", (path.name, path.read_bytes(), "image/png")) for path in paths[start : start + batch_size]]
-            for start in range(0, len(paths), batch_size)
-        ]
-        with requests.Session() as session:
-
-            def run() -> None:
-                for files in requests_files:
-                    session.post(f"{url}/predict", files=files, timeout=300).raise_for_status()
-
-            return best_rate(len(paths), run, repeats)
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def posting(url: str, paths: list[Path], batch_size: int, session: requests.Session) -> Callable[[], None]:
+    """POST /predict with `batch_size` files per request, one request at a time."""
+    requests_files = [
+        [("files", (path.name, path.read_bytes(), "image/png")) for path in paths[start : start + batch_size]]
+        for start in range(0, len(paths), batch_size)
+    ]
+
+    def run() -> None:
+        for files in requests_files:
+            session.post(f"{url}/predict", files=files, timeout=300).raise_for_status()
+
+    return run
 
 
 def main() -> None:
@@ -132,7 +140,7 @@ def main() -> None:
     parser.add_argument("--source-size", type=int)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="Timed passes per method; the fastest counts.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed passes per method; the fastest counts.")
     args = parser.parse_args()
     source_size = args.source_size or args.size
     threads = torch.get_num_threads()
@@ -144,20 +152,22 @@ def main() -> None:
         write_images(scratch / "one", 1, source_size)
         checkpoint = write_checkpoint(scratch / "checkpoint.pt", args.model, args.size)
 
-        bare = bare_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
-        library = library_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
         startup = cli_seconds(checkpoint, scratch / "one", args.batch_size, scratch / "one.csv")
         cli = cli_seconds(checkpoint, scratch / "images", args.batch_size, scratch / "all.csv")
-        served = serve_images_per_second(checkpoint, paths, args.batch_size, args.repeats)
+        with served(checkpoint, args.batch_size) as url, requests.Session() as session:
+            methods = {
+                "bare model on preprocessed tensors": bare_model(checkpoint, paths, args.batch_size),
+                "predict in process (decode + model)": in_process_predict(checkpoint, paths, args.batch_size),
+                f"classifier serve POST /predict ({args.batch_size} files/request)": posting(
+                    url, paths, args.batch_size, session
+                ),
+            }
+            rates = fastest_rates(args.images, methods, args.repeats)
 
-    rows = [
-        ("bare model on preprocessed tensors", bare),
-        ("predict, in process (decode + model)", library),
-        (f"classifier predict CLI, incl. {startup:.1f} s start-up", args.images / cli),
-        ("classifier predict CLI, start-up excluded", args.images / max(cli - startup, 1e-9)),
-        (f"classifier serve POST /predict ({args.batch_size} files/request)", served),
-    ]
-    for name, rate in rows:
+    bare = rates["bare model on preprocessed tensors"]
+    rates[f"classifier predict CLI, incl. {startup:.1f} s start-up"] = args.images / cli
+    rates["classifier predict CLI, start-up excluded"] = args.images / max(cli - startup, 1e-9)
+    for name, rate in rates.items():
         print(f"{name:<58} {rate:9.1f} images/s  {rate / bare:6.3f}x bare")
 
 

@@ -64,8 +64,14 @@ def main() -> None:
 )
 @click.option("--seed", type=blank_is_unset(click.INT), help="Sampler seed (worker i uses seed + i). [0]")
 @click.option("--register-as", type=blank_is_unset(str), help="Registered model name for the champion. [study name]")
-@click.option("--epochs", type=blank_is_unset(click.INT), help="Epochs per trial (overrides the train section).")
-@click.option("--model", type=blank_is_unset(str), help="Architecture for every trial (overrides the train section).")
+@click.option(
+    "--epochs", type=blank_is_unset(click.INT), help="Epochs per trial (overrides the train section and the space)."
+)
+@click.option(
+    "--model",
+    type=blank_is_unset(str),
+    help="Architecture for every trial (overrides the train section and the space).",
+)
 def search_command(data: Path, config_path: Path | None, epochs: int | None, model: str | None, **options: Any) -> None:
     """Tune training on prepared dataset DATA with an Optuna study; register the best model as `champion`."""
     from classifier.config import SearchConfig, TrainConfig, build_config, load_section
@@ -76,6 +82,9 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
         TrainConfig, load_section(config_path, "train"), {"epochs": epochs, "model": model}, origin=origin
     )
     config = build_config(SearchConfig, load_section(config_path, "search"), options, origin=origin)
+    for name, value in {"epochs": epochs, "model": model}.items():
+        if value is not None:
+            config.space.pop(name, None)  # fixed on the command line: no longer searched
     result = search(config, train, data)
     best = "no completed trial" if result.best_value is None else f"best {result.metric} {result.best_value:.4f}"
     champion = f"; registered version {result.registered_version} as champion" if result.registered_version else ""

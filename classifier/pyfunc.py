@@ -45,7 +45,6 @@ from classifier.data.images import normalise_mode, open_image, resize
 from classifier.data.transforms import Normalise, flips, image_to_tensor
 from classifier.errors import UserError
 from classifier.models import model_from_checkpoint
-from classifier.tracking import connect
 
 INPUT_COLUMN = "image"
 ERROR_COLUMN = "error"
@@ -53,9 +52,17 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_KEYS = ("architecture", "num_classes", "in_chans", "state_dict", "classes", "preprocessing", "threshold")
 KEPT_KEYS = (*INFERENCE_KEYS, "config")
 DEFAULT_SETTINGS: dict[str, Any] = {"tta": False, "batch_size": 64, "device": None, "workers": None}
-SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "pillow", "numpy", "pandas", "click", "pyyaml", "tqdm")
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "pillow", "numpy", "pandas", "click", "tqdm")
 MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # sets a ClassifierModel: nothing pickled
+
+
+def model_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """DEFAULT_SETTINGS updated with `overrides`, refusing unknown names."""
+    unknown = sorted(set(overrides) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise UserError(f"{', '.join(unknown)}: unknown model settings; use {', '.join(DEFAULT_SETTINGS)}")
+    return {**DEFAULT_SETTINGS, **overrides}
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -200,9 +207,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper: rebuilds an `ImageClassifier` from the logged checkpoint (no pickled nn.Module)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        settings = {**DEFAULT_SETTINGS, **(context.model_config or {})}
         checkpoint = read_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
-        self.classifier = ImageClassifier(checkpoint, **settings)
+        self.classifier = ImageClassifier(checkpoint, **model_settings(context.model_config or {}))
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
@@ -215,15 +221,14 @@ def load_classifier(model: str, **settings: Any) -> ImageClassifier:
     a model folder) of a model logged by `log_classifier_model`. `settings` (see DEFAULT_SETTINGS) left at None
     keep the model's own."""
     overrides = {key: value for key, value in settings.items() if value is not None}
-    unknown = sorted(set(overrides) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise UserError(f"{', '.join(unknown)}: unknown model settings; use {', '.join(DEFAULT_SETTINGS)}")
     if Path(model).is_file():
-        return ImageClassifier(read_checkpoint(Path(model)), **{**DEFAULT_SETTINGS, **overrides})
+        return ImageClassifier(read_checkpoint(Path(model)), **model_settings(overrides))
     if ":/" not in model and not Path(model).exists():
         raise UserError(
             f"{model}: no such checkpoint or model folder; pass one, or a URI such as models:/NAME@champion"
         )
+    from classifier.tracking import connect  # the CLI's tracking store; the served model itself never tracks
+
     connect()
     try:
         loaded = mlflow.pyfunc.load_model(model, model_config=overrides or None)
@@ -279,7 +284,7 @@ def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: An
     `mlflow.pyfunc.log_model` (e.g. `registered_model_name`, `model_config={"tta": True}`, `params`, `tags`).
     """
     state = read_checkpoint(Path(checkpoint))
-    settings = {**DEFAULT_SETTINGS, **log_kwargs.pop("model_config", {})}
+    settings = model_settings(log_kwargs.pop("model_config", {}))
     threshold = state.get("threshold")
     params = {
         "architecture": str(state["architecture"]),

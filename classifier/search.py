@@ -219,14 +219,15 @@ def make_sampler(job: WorkerJob) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(job: WorkerJob) -> optuna.pruners.BasePruner:
-    """Median or Hyperband pruning on the per-epoch validation metric, or none."""
+    """Median or Hyperband pruning on the per-epoch validation metric (one step per epoch), or none."""
     if job.search.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=job.search.startup_trials, n_warmup_steps=job.search.prune_warmup_epochs
         )
     if job.search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, job.search.prune_warmup_epochs), max_resource=job.train.epochs
+            min_resource=max(1, job.search.prune_warmup_epochs),
+            max_resource=job.train.epochs * (job.search.cv_folds or 1),  # cross-validation reports fold after fold
         )
     return optuna.pruners.NopPruner()
 

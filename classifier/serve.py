@@ -20,6 +20,8 @@ READ_CHUNK = 1 << 20
 
 
 class FilePrediction(BaseModel):
+    """One uploaded file: its predicted class, that class's probability and every class's."""
+
     file: str
     label: str
     confidence: float
@@ -27,15 +29,21 @@ class FilePrediction(BaseModel):
 
 
 class Predictions(BaseModel):
+    """One prediction per uploaded file, in upload order."""
+
     predictions: list[FilePrediction]
 
 
 class UploadError(BaseModel):
+    """Why the request was rejected, and which file caused it."""
+
     detail: str
     file: str
 
 
 class Health(BaseModel):
+    """The service is up, and what it serves."""
+
     status: str
     model: str
     classes: list[str]
@@ -44,13 +52,15 @@ class Health(BaseModel):
 
 
 class RejectedUpload(Exception):
+    """An upload the service refuses; answered as a 4xx `UploadError`."""
+
     def __init__(self, status_code: int, file: str, detail: str) -> None:
         super().__init__(detail)
         self.status_code, self.file, self.detail = status_code, file, detail
 
 
 def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
-    """The upload's bytes, refusing (413) one larger than `max_bytes` without reading it all."""
+    """The upload's bytes, refusing (413) one larger than `max_bytes` (read no further than the limit)."""
     content = bytearray()
     while chunk := upload.file.read(READ_CHUNK):
         content += chunk

@@ -193,10 +193,6 @@ def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(folder), artifact_path)
 
 
-def log_dict(values: dict[str, Any], artifact_file: str) -> None:
-    mlflow.log_dict(values, artifact_file)
-
-
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -104,7 +105,6 @@ def fit(
         folder.mkdir(parents=True, exist_ok=True)
         if state is None:
             tracking.log_params(_params(config, info, fold, len(train_set), len(val_set)))
-            tracking.log_dict(config_dict(config), "config/train.yaml")
         else:
             print(f"resuming run {run_id} after epoch {trainer.epoch}", file=sys.stderr)
         try:
@@ -178,7 +178,6 @@ class Trainer:
             metrics.update({metric_name(f"val_{name}"): value for name, value in scores.items()})
             metrics["lr"] = lr
             self.scheduler.step(metrics[self.monitor])
-            tracking.log_metrics(metrics, step=epoch)
             self.epoch = epoch
             self.history.append({"epoch": epoch, **metrics})
             if self.best_epoch < 0 or self._better(metrics[self.monitor], self.best_metrics[self.monitor]):
@@ -187,6 +186,7 @@ class Trainer:
             else:
                 self.stale_epochs += 1
             save_atomically({**self.checkpoint(), **self.resume_state(generator, run_id)}, folder / LAST)
+            tracking.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run logs no epoch twice
             epochs.set_postfix({key: f"{metrics[key]:.4f}" for key in ("train_loss", "val_loss", self.monitor)})
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
@@ -290,17 +290,22 @@ class Trainer:
         generator.set_state(rng["loader"])
 
     def finish(self, val_loader: DataLoader, folder: Path, log_model: bool) -> str | None:
-        """Score the best epoch: report, plots and checkpoints as artifacts, then the servable model."""
+        """Score the best epoch; upload report, plots, config and checkpoints in one call; log the servable model."""
         best = torch.load(folder / BEST, map_location=self.device, weights_only=True)
         self.model.load_state_dict(best["state_dict"])
         _, labels, probabilities = self.predict(val_loader)
-        with tempfile.TemporaryDirectory() as scratch:
-            report = Path(scratch) / "evaluation"
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            upload = Path(scratch)
+            report = upload / "evaluation"
             write_report(report, labels, probabilities, self.info.classes)
             learning_curves(report / "learning_curves.png", self.history, self.monitor)
             (report / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
-            tracking.log_artifacts(report, "evaluation")
-        tracking.log_artifacts(folder, "checkpoints")
+            (upload / "config").mkdir()
+            (upload / "config" / "train.yaml").write_text(yaml.safe_dump(config_dict(self.config), sort_keys=False))
+            (upload / "checkpoints").mkdir()
+            for name in (BEST, LAST):
+                os.link(folder / name, upload / "checkpoints" / name)
+            tracking.log_artifacts(upload)
         summary = {f"best_{key}": value for key, value in self.best_metrics.items() if key.startswith("val_")}
         tracking.log_metrics({**summary, "best_epoch": self.best_epoch})
         if not log_model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,13 +57,15 @@ def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_pat
     assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")) == 3
     artifacts = {
         item.path
-        for folder in ("evaluation", "checkpoints")
+        for folder in ("evaluation", "checkpoints", "config")
         for item in mlflow.MlflowClient().list_artifacts(result.run_id, folder)
     }
     reports = {"confusion_matrix.png", "confusion_matrix_normalised.png", "roc_curve.png", "pr_curve.png"}
     reports |= {"learning_curves.png", "classification_report.txt", "classification_report.json"}
     assert {f"evaluation/{name}" for name in reports} <= artifacts
     assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+    logged_config = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/config/train.yaml")
+    assert logged_config["epochs"] == 3 and logged_config["augment"] == "none"
     checkpoint = torch.load(result.checkpoint, weights_only=True)
     assert checkpoint["classes"] == ["blue", "green", "red"]
     assert checkpoint["preprocessing"]["size"] == 16 and checkpoint["in_chans"] == 3
@@ -253,3 +256,26 @@ def test_memory_mapped_cache_holds_the_same_pixels(grey_pair: Path, tmp_path: Pa
     assert isinstance(mapped.images, np.memmap) and list((copy / ".cache").glob("*.npy"))
     assert np.array_equal(np.asarray(mapped.images), in_memory.images)
     assert np.array_equal(mapped.labels, in_memory.labels)
+
+
+@pytest.mark.slow
+def test_terminated_command_continues_when_run_again(grey_pair: Path, tmp_path: Path) -> None:
+    output = tmp_path / "outputs"
+    command = [str(Path(sys.executable).with_name("classifier")), "train", str(grey_pair), "--epochs", "8"]
+    command += ["--batch-size", "8", "--augment", "none", "--system-metrics", "false", "--output-dir", str(output)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not list(output.glob("*/last.pt")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    (killed_id,) = [folder.name for folder in output.iterdir()]
+    assert mlflow.MlflowClient().get_run(killed_id).info.status == "KILLED"
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming run {killed_id}" in again.stderr and f"run {killed_id}:" in again.stdout
+    assert mlflow.MlflowClient().get_run(killed_id).info.status == "FINISHED"
+    steps = [metric.step for metric in mlflow.MlflowClient().get_metric_history(killed_id, "val_loss")]
+    assert sorted(steps) == list(range(8))
