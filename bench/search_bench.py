@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=1200, help="training subset size (0: all)")
     parser.add_argument("--throughput-trials", type=int, default=6)
     parser.add_argument("--pruning-trials", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per trial in the pruning comparison")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per trial in the pruning comparison")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="search-bench-"))
     data = args.data or pneumonia_subset(scratch, args.train_images)
@@ -109,7 +109,8 @@ def measure_throughput(scratch: Path, data: Path, space: dict, trials: int) -> N
 
 
 def measure_pruning(scratch: Path, data: Path, space: dict, trials: int, epochs: int) -> None:
-    common = {"n_trials": trials, "sampler": "random", "seed": 7, "space": space, "startup_trials": 3}
+    common = {"n_trials": trials, "sampler": "random", "seed": 7, "space": space}
+    common.update(startup_trials=2, prune_warmup_epochs=0)  # the median of 2 full trials decides from epoch 1
     _, full = run_study(scratch, data, "no-pruning", {"epochs": epochs}, {**common, "pruner": "none"})
     _, pruned = run_study(scratch, data, "median-pruning", {"epochs": epochs}, {**common, "pruner": "median"})
     target = full.best_value

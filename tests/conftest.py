@@ -181,3 +181,11 @@ def write_checkpoint(
 def checkpoint(tmp_path: Path) -> Path:
     """A two-class (benign, malignant) 32 px RGB checkpoint file."""
     return write_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> str:
+    """An MLflow experiment whose artifacts stay in the test's folder (the Default one writes ./mlruns)."""
+    import mlflow
+
+    return mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())

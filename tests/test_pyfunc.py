@@ -42,8 +42,8 @@ def checkpoint_probabilities(checkpoint: Path, images: list[bytes], flips: bool 
 
 
 @pytest.fixture
-def model_uri(checkpoint: Path) -> str:
-    with mlflow.start_run():
+def model_uri(checkpoint: Path, experiment: str) -> str:
+    with mlflow.start_run(experiment_id=experiment):
         return log_classifier_model(checkpoint).model_uri
 
 

@@ -122,8 +122,8 @@ def test_health_and_openapi_docs(service):
     assert requests.get(f"{service}/docs").status_code == 200
 
 
-def test_registered_champion_is_served_by_mlflow_and_by_classifier(checkpoint, tmp_path):
-    with mlflow.start_run():
+def test_registered_champion_is_served_by_mlflow_and_by_classifier(checkpoint, experiment, tmp_path):
+    with mlflow.start_run(experiment_id=experiment):
         info = log_classifier_model(checkpoint, registered_model_name="lesions")
     mlflow.MlflowClient().set_registered_model_alias("lesions", "champion", info.registered_model_version)
     uri = "models:/lesions@champion"
