@@ -71,7 +71,7 @@ def fastest_rates(count: int, methods: dict[str, Callable[[], object]], repeats:
 
 def bare_model(checkpoint: Path, paths: list[Path], batch_size: int) -> Callable[[], None]:
     """The network alone on preprocessed, normalised tensors held in memory."""
-    classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
+    classifier = load_classifier(str(checkpoint), inference_batch_size=batch_size, inference_device="cpu")
     tensors = classifier.normalise(torch.stack([classifier.preprocess(path) for path in paths]))
 
     @torch.inference_mode()
@@ -84,7 +84,7 @@ def bare_model(checkpoint: Path, paths: list[Path], batch_size: int) -> Callable
 
 def in_process_predict(checkpoint: Path, paths: list[Path], batch_size: int) -> Callable[[], object]:
     """`ImageClassifier.predict` over the files: what `classifier predict` runs after start-up."""
-    classifier = load_classifier(str(checkpoint), batch_size=batch_size, device="cpu")
+    classifier = load_classifier(str(checkpoint), inference_batch_size=batch_size, inference_device="cpu")
     return lambda: classifier.predict(paths)
 
 

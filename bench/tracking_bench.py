@@ -71,7 +71,7 @@ def timed_start_run(function):
 
 
 def instrument() -> None:
-    for name in ("connect", "log_params", "log_metrics", "set_tags", "log_artifacts", "log_dict"):
+    for name in ("connect", "log_params", "log_metrics", "log_artifacts"):
         setattr(tracking, name, timed(name, getattr(tracking, name)))
     for name in ("unfinished_run", "run_info", "active_run_id"):
         setattr(tracking, name, timed(name, getattr(tracking, name)))

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from classifier.config import PrepareConfig, TrainConfig
+from classifier.data.dataset import CachedImages
 from classifier.data.layout import read_info
 from classifier.data.prepare import prepare
 from classifier.models import create_model
 from classifier.train import Trainer, _datasets, make_loader, resolve_device
 
+WARM_UP_BATCHES = 5
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
 
 
@@ -50,7 +52,8 @@ def pipeline_images_per_second(config: TrainConfig, data: Path, epochs: int) -> 
     train_set, _ = _datasets(config, data, info, None)
     trainer.set_criterion(np.bincount(train_set.labels, minlength=len(info.classes)))
     loader = make_loader(train_set, config, device, torch.Generator().manual_seed(config.seed), shuffle=True)
-    trainer.train_one_epoch(loader)  # warm-up
+    warm_up = CachedImages(train_set.arrays, train_set.indices[: WARM_UP_BATCHES * config.batch_size])
+    trainer.train_one_epoch(make_loader(warm_up, config, device, torch.Generator(), shuffle=True))
     start = time.perf_counter()
     for _ in range(epochs):
         trainer.train_one_epoch(loader)
@@ -72,16 +75,16 @@ def bare_images_per_second(config: TrainConfig, data: Path, epochs: int) -> floa
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     criterion = torch.nn.CrossEntropyLoss()
 
-    def one_epoch() -> None:
+    def one_epoch(limit: int | None = None) -> None:
         model.train()
-        for batch in torch.randperm(len(labels), device=device).split(config.batch_size):
+        for batch in torch.randperm(len(labels), device=device).split(config.batch_size)[:limit]:
             inputs = (images[batch].float() / 255 - mean) / std
             loss = criterion(model(inputs), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    one_epoch()  # warm-up
+    one_epoch(WARM_UP_BATCHES)
     start = time.perf_counter()
     for _ in range(epochs):
         one_epoch()
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("data", nargs="?", type=Path)
     parser.add_argument("--model", default="simple_cnn")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="Alternate the two loops this many times.")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()

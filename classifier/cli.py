@@ -247,6 +247,11 @@ train_options = [
     _flag("--class-weights", "Weight the loss by inverse class frequency."),
     click.option("--sampler", type=_choice("random", "weighted"), help="weighted: class-balanced batches. [random]"),
     click.option("--label-smoothing", type=blank_is_unset(click.FLOAT), help="Label smoothing in [0, 1). [0]"),
+    click.option(
+        "--target-recall",
+        type=blank_is_unset(click.FLOAT),
+        help="Binary tasks: decision threshold reaching this validation recall (e.g. 0.95). [max F1]",
+    ),
     click.option("--augment", type=_choice("none", "light", "strong"), help="Augmentation recipe. [light]"),
     click.option("--amp", type=_choice("auto", "bf16", "fp16", "off"), help="Mixed precision (CUDA only). [auto]"),
     _flag("--channels-last", "Use the channels_last memory format (faster convolutions on GPUs)."),

@@ -233,6 +233,7 @@ class TrainConfig:
     class_weights: bool = False
     sampler: str = "random"
     label_smoothing: float = 0.0
+    target_recall: float | None = None
     augment: str = "light"
     amp: str = "auto"
     channels_last: bool = False
@@ -260,6 +261,8 @@ class TrainConfig:
             raise UserError(f"train: option 'num_workers' must be >= 0, got {self.num_workers}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"train: option 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise UserError(f"train: option 'target_recall' must be in (0, 1], e.g. 0.95, got {self.target_recall}")
         if self.freeze_epochs and self.freeze_epochs >= self.epochs:
             raise UserError(f"train: 'freeze_epochs' ({self.freeze_epochs}) must be below 'epochs' ({self.epochs})")
         choices = {

@@ -70,7 +70,9 @@ def predict(
 ) -> pd.DataFrame:
     """Predict every image under `paths` with `model` and write path, label, confidence, prob_<class>, error rows."""
     images = list_images(paths)
-    classifier = load_classifier(model, batch_size=batch_size, tta=tta, device=device, workers=workers)
+    classifier = load_classifier(
+        model, tta=tta, inference_batch_size=batch_size, inference_device=device, decode_workers=workers
+    )
     table = classifier.predict(images, progress=True)
     table.insert(0, PATH_COLUMN, [str(image) for image in images])
     write_csv(table, output)

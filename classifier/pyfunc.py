@@ -13,8 +13,9 @@ An unreadable image never fails the batch. For two classes with a decision thres
 the second class (the positive one, e.g. PNEUMONIA after NORMAL) when its probability reaches the threshold.
 
 Model settings (`model_config`, overridable with `mlflow.pyfunc.load_model(uri, model_config={...})`): `tta`
-(average the probabilities over horizontal and vertical flips), `batch_size`, `device` ("cpu", "cuda"; null: cuda
-when available), `workers` (threads decoding images; null: one per core).
+(average the probabilities over horizontal and vertical flips), `inference_batch_size`, `inference_device` ("cpu",
+"cuda"; null: cuda when available), `decode_workers` (threads decoding images; null: one per core). MLflow also logs
+these as params of the run the model is logged in, so their names must differ from the training run's params.
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ ERROR_COLUMN = "error"
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_KEYS = ("architecture", "num_classes", "in_chans", "state_dict", "classes", "preprocessing", "threshold")
 KEPT_KEYS = (*INFERENCE_KEYS, "config")
-DEFAULT_SETTINGS: dict[str, Any] = {"tta": False, "batch_size": 64, "device": None, "workers": None}
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "tta": False,
+    "inference_batch_size": 64,
+    "inference_device": None,
+    "decode_workers": None,
+}
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "pillow", "numpy", "pandas", "click", "tqdm")
 MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # sets a ClassifierModel: nothing pickled
@@ -113,9 +119,9 @@ class ImageClassifier:
         self,
         checkpoint: dict[str, Any],
         tta: bool = False,
-        batch_size: int = 64,
-        device: str | None = None,
-        workers: int | None = None,
+        inference_batch_size: int = 64,
+        inference_device: str | None = None,
+        decode_workers: int | None = None,
     ) -> None:
         self.classes: list[str] = [str(name) for name in checkpoint["classes"]]
         self.threshold: float | None = checkpoint.get("threshold")
@@ -125,9 +131,9 @@ class ImageClassifier:
         self.bit_depth = int(preprocessing["bit_depth"])
         self.resize_mode = str(preprocessing["resize"])
         self.tta = bool(tta)
-        self.batch_size = int(batch_size)
-        self.pool = ThreadPoolExecutor(int(workers or os.cpu_count() or 1), thread_name_prefix="decode")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = int(inference_batch_size)
+        self.pool = ThreadPoolExecutor(int(decode_workers or os.cpu_count() or 1), thread_name_prefix="decode")
+        self.device = torch.device(inference_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = model_from_checkpoint(checkpoint).to(self.device).eval()
         self.normalise = Normalise(preprocessing["mean"], preprocessing["std"]).to(self.device)
 

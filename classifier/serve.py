@@ -136,5 +136,7 @@ def serve(
     """Load `model` (checkpoint file or MLflow model URI) and serve it until interrupted."""
     if max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb={max_upload_mb}: must be positive")
-    classifier = load_classifier(model, batch_size=batch_size, tta=tta, device=device, workers=workers)
+    classifier = load_classifier(
+        model, tta=tta, inference_batch_size=batch_size, inference_device=device, decode_workers=workers
+    )
     uvicorn.run(create_app(classifier, model, max_upload_mb), host=host, port=port)

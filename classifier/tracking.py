@@ -53,8 +53,9 @@ def experiment_id(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = (Path.cwd() / DEFAULT_ARTIFACTS).resolve().as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # the embedded store keeps artifacts in a folder beside its database
+        location = (Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
@@ -182,10 +183,6 @@ def log_params(params: dict[str, Any]) -> None:
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
     """Queue metrics for the active run (or `run_id`) as one asynchronous batch."""
     mlflow.log_metrics(metrics, step=step, run_id=run_id, synchronous=False)
-
-
-def set_tags(tags: dict[str, Any]) -> None:
-    mlflow.set_tags({key: str(value) for key, value in tags.items()}, synchronous=False)
 
 
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:

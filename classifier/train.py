@@ -33,6 +33,7 @@ from classifier.losses import make_criterion
 from classifier.metrics import classification_metrics
 from classifier.models import create_model, head_and_backbone, set_backbone_trainable
 from classifier.plots import learning_curves, write_report
+from classifier.threshold import choose_threshold
 
 BEST, LAST = "best.pt", "last.pt"
 RESUME_TAG = "classifier.resume_key"
@@ -294,6 +295,10 @@ class Trainer:
         best = torch.load(folder / BEST, map_location=self.device, weights_only=True)
         self.model.load_state_dict(best["state_dict"])
         _, labels, probabilities = self.predict(val_loader)
+        if len(self.info.classes) == 2 and np.unique(labels).size == 2:
+            best["threshold"] = choose_threshold(labels == 1, probabilities[:, 1], self.config.target_recall)
+            torch.save(best, folder / BEST)
+            tracking.log_metrics({"decision_threshold": best["threshold"]})
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             upload = Path(scratch)
             report = upload / "evaluation"
@@ -498,6 +503,8 @@ def _resume_state(config: TrainConfig, key: str, parent_run_id: str | None) -> t
     run_id = config.resume
     if run_id is None:
         if parent_run_id is not None or os.environ.get("MLFLOW_RUN_ID"):
+            return None, None
+        if not any(Path(config.output_dir).glob(f"*/{LAST}")):  # nothing here to resume: skip the tracking query
             return None, None
         run_id = tracking.unfinished_run(config.experiment, {RESUME_TAG: key})
         if run_id is None or not (Path(config.output_dir) / run_id / LAST).is_file():

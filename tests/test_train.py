@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from conftest import REPO, free_port
 from prepared import prepared_dataset
@@ -22,8 +23,11 @@ from prepared import prepared_dataset
 from classifier.cli import main
 from classifier.config import TrainConfig
 from classifier.data.dataset import CachedImages, load_split
+from classifier.data.layout import read_manifest
 from classifier.errors import UserError
 from classifier.models import create_model, head_and_backbone
+from classifier.pyfunc import load_classifier
+from classifier.threshold import choose_threshold
 from classifier.train import EpochScheduler, fit, make_loader, make_optimizer
 
 
@@ -64,7 +68,7 @@ def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_pat
     reports |= {"learning_curves.png", "classification_report.txt", "classification_report.json"}
     assert {f"evaluation/{name}" for name in reports} <= artifacts
     assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
-    logged_config = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/config/train.yaml")
+    logged_config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{result.run_id}/config/train.yaml"))
     assert logged_config["epochs"] == 3 and logged_config["augment"] == "none"
     checkpoint = torch.load(result.checkpoint, weights_only=True)
     assert checkpoint["classes"] == ["blue", "green", "red"]
@@ -261,7 +265,7 @@ def test_memory_mapped_cache_holds_the_same_pixels(grey_pair: Path, tmp_path: Pa
 @pytest.mark.slow
 def test_terminated_command_continues_when_run_again(grey_pair: Path, tmp_path: Path) -> None:
     output = tmp_path / "outputs"
-    command = [str(Path(sys.executable).with_name("classifier")), "train", str(grey_pair), "--epochs", "8"]
+    command = [str(Path(sys.executable).with_name("classifier")), "train", str(grey_pair), "--epochs", "3"]
     command += ["--batch-size", "8", "--augment", "none", "--system-metrics", "false", "--output-dir", str(output)]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 120
@@ -278,4 +282,19 @@ def test_terminated_command_continues_when_run_again(grey_pair: Path, tmp_path: 
     assert f"resuming run {killed_id}" in again.stderr and f"run {killed_id}:" in again.stdout
     assert mlflow.MlflowClient().get_run(killed_id).info.status == "FINISHED"
     steps = [metric.step for metric in mlflow.MlflowClient().get_metric_history(killed_id, "val_loss")]
-    assert sorted(steps) == list(range(8))
+    assert sorted(steps) == list(range(3))
+
+
+def test_binary_model_keeps_the_validation_threshold_reaching_the_target_recall(
+    grey_pair: Path, tmp_path: Path
+) -> None:
+    result = fit(quick(tmp_path, target_recall=1.0), grey_pair, log_model=False)
+
+    threshold = torch.load(result.checkpoint, weights_only=True)["threshold"]
+    validation = read_manifest(grey_pair).query("split == 'validation'")
+    scores = load_classifier(str(result.checkpoint)).predict([str(grey_pair / path) for path in validation["path"]])
+    positive = (validation["label"] == "malignant").to_numpy()
+    assert threshold == pytest.approx(choose_threshold(positive, scores["prob_malignant"], target_recall=1.0))
+    assert (scores["prob_malignant"][positive] >= threshold).all()  # every malignant validation image is caught
+    logged = mlflow.MlflowClient().get_run(result.run_id).data.metrics["decision_threshold"]
+    assert logged == pytest.approx(threshold)
