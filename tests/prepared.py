@@ -12,12 +12,17 @@ from classifier.data.prepare import TRACKING_VARIABLES, prepare
 
 
 def prepared_dataset(
-    root: Path, counts: dict[str, int], size: int = 16, folds: int | None = None, mode: str = "RGB"
+    root: Path,
+    counts: dict[str, int],
+    size: int = 16,
+    folds: int | None = None,
+    mode: str = "RGB",
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
 ) -> Path:
     """Write `counts[class]` generated images and prepare them at `size` px into `root/prepared`."""
     images = write_class_folders(root / "images", counts, size=(size, size), mode=mode)
     with pytest.MonkeyPatch.context() as patch:
         for name in TRACKING_VARIABLES:  # preparing is not what these tests track
             patch.delenv(name, raising=False)
-        prepare(images, root / "prepared", PrepareConfig(size=size, folds=folds, fractions=[0.6, 0.2, 0.2]))
+        prepare(images, root / "prepared", PrepareConfig(size=size, folds=folds, fractions=list(fractions)))
     return root / "prepared"

@@ -9,11 +9,10 @@ import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_class_folders
+from prepared import prepared_dataset
 
 from classifier.cli import main
-from classifier.config import PrepareConfig, SearchConfig, TrainConfig, build_config
-from classifier.data.prepare import prepare
+from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.errors import UserError
 from classifier.search import objective_metric, open_study
 from classifier.search_space import parse_space, suggest
@@ -25,12 +24,8 @@ TRAIN_OPTIONS = [field for field in TrainConfig.__dataclass_fields__]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny prepared two-class dataset (16 px, half training, half validation), shared by this module's tests."""
-    root = tmp_path_factory.mktemp("dataset")
-    source = write_class_folders(root / "source", {"benign": 12, "malignant": 12}, size=(16, 16))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # prepare tracks only when asked to
-        prepare(source, root / "data", PrepareConfig(size=16, fractions=[0.5, 0.5, 0.0], workers=1))
-    return root / "data"
+    counts = {"benign": 12, "malignant": 12}
+    return prepared_dataset(tmp_path_factory.mktemp("dataset"), counts, fractions=(0.5, 0.5, 0.0))
 
 
 def run_search(tmp_path: Path, dataset: Path, search: dict, *args: str):

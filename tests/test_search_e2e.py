@@ -12,11 +12,11 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from conftest import REPO, write_class_folders
+from conftest import REPO
 from optuna.trial import TrialState
+from prepared import prepared_dataset
 
-from classifier.config import PrepareConfig, SearchConfig, TrainConfig, build_config
-from classifier.data.prepare import prepare
+from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.search import search
 
 pytestmark = pytest.mark.slow
@@ -27,12 +27,8 @@ TINY_TRAIN = {"epochs": 2, "batch_size": 8, "model": "simple_cnn", "system_metri
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny prepared two-class dataset (16 px, half training, half validation), shared by this module's tests."""
-    root = tmp_path_factory.mktemp("dataset")
-    source = write_class_folders(root / "source", {"benign": 16, "malignant": 16}, size=(16, 16))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # prepare tracks only when asked to
-        prepare(source, root / "data", PrepareConfig(size=16, fractions=[0.5, 0.5, 0.0], workers=1))
-    return root / "data"
+    counts = {"benign": 16, "malignant": 16}
+    return prepared_dataset(tmp_path_factory.mktemp("dataset"), counts, fractions=(0.5, 0.5, 0.0))
 
 
 def trial_runs(client: mlflow.MlflowClient, study: str) -> list:

@@ -17,11 +17,10 @@ import optuna
 import psycopg2
 import pytest
 import yaml
-from conftest import free_port, requires_postgres, wait_for_http, write_class_folders
+from conftest import free_port, requires_postgres, wait_for_http
 from optuna.trial import TrialState
+from prepared import prepared_dataset
 
-from classifier.config import PrepareConfig
-from classifier.data.prepare import prepare
 from classifier.search_storage import open_storage
 
 pytestmark = [pytest.mark.slow, requires_postgres]
@@ -33,12 +32,8 @@ CLASSIFIER = [str(Path(sys.executable).parent / "classifier")]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny prepared two-class dataset (16 px, half training, half validation), shared by this module's tests."""
-    root = tmp_path_factory.mktemp("dataset")
-    source = write_class_folders(root / "source", {"benign": 16, "malignant": 16}, size=(16, 16))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # prepare tracks only when asked to
-        prepare(source, root / "data", PrepareConfig(size=16, fractions=[0.5, 0.5, 0.0], workers=1))
-    return root / "data"
+    counts = {"benign": 16, "malignant": 16}
+    return prepared_dataset(tmp_path_factory.mktemp("dataset"), counts, fractions=(0.5, 0.5, 0.0))
 
 
 def create_database() -> str:

@@ -161,7 +161,7 @@ def test_cli_merges_yaml_and_command_line(grey_pair: Path, tmp_path: Path) -> No
     )
 
     assert result.exit_code == 0, result.output
-    run_id = re.search(r"^run ([0-9a-f]{32}):", result.output, re.MULTILINE).group(1)
+    run_id = re.search(r"^run ([0-9a-f]{32}):", result.stdout, re.MULTILINE).group(1)
     params = mlflow.MlflowClient().get_run(run_id).data.params
     assert (params["epochs"], params["lr"], params["augment"]) == ("1", "0.005", "none")
 
