@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from sklearn import metrics
@@ -32,24 +33,23 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """ROC AUC of the positive class (binary) or one-vs-rest macro; nan when only one class is present."""
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    if probabilities.shape[1] == 2:
-        return float(metrics.roc_auc_score(labels, probabilities[:, 1]))
-    present = np.unique(labels)
-    onehot = label_binarize(labels, classes=range(probabilities.shape[1]))[:, present]
-    return float(metrics.roc_auc_score(onehot, probabilities[:, present], average="macro"))
+    return _ranking_score(metrics.roc_auc_score, labels, probabilities)
 
 
 def pr_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """Average precision of the positive class (binary) or the macro mean over classes present."""
-    if len(np.unique(labels)) < 2:
+    return _ranking_score(metrics.average_precision_score, labels, probabilities)
+
+
+def _ranking_score(score: Callable[..., float], labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """`score` of the positive class (binary) or its one-vs-rest macro mean over the classes present."""
+    present = np.unique(labels)
+    if len(present) < 2:
         return float("nan")
     if probabilities.shape[1] == 2:
-        return float(metrics.average_precision_score(labels, probabilities[:, 1]))
-    present = np.unique(labels)
+        return float(score(labels, probabilities[:, 1]))
     onehot = label_binarize(labels, classes=range(probabilities.shape[1]))[:, present]
-    return float(metrics.average_precision_score(onehot, probabilities[:, present], average="macro"))
+    return float(score(onehot, probabilities[:, present], average="macro"))
 
 
 def bootstrap_intervals(

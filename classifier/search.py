@@ -29,7 +29,7 @@ from classifier.data.layout import read_info
 from classifier.errors import UserError
 from classifier.search_space import parse_space, suggest
 from classifier.search_storage import open_storage
-from classifier.train import fit
+from classifier.train import fit, resolve_monitor
 
 # Trials that count towards --n-trials: a failed trial does not (a dead worker's trial is retried as WAITING).
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -73,7 +73,7 @@ class WorkerJob:
 def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult:
     """Run (or resume, or join) the study until it holds `config.n_trials` trials, then register the best model."""
     info = read_info(data)
-    metric = objective_metric(config.metric, len(info.classes))
+    metric = resolve_monitor(config.metric, len(info.classes))  # the same names as fit's --monitor
     maximize = not metric.endswith("loss")
     tunable = [field.name for field in dataclasses.fields(TrainConfig)]
     parse_space(config.space, tunable)
@@ -98,13 +98,6 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
             with Progress(study, config.n_trials, metric):
                 run_workers(job, config.n_workers)
         return summarise(study, job, maximize)
-
-
-def objective_metric(metric: str, num_classes: int) -> str:
-    """`auto` is fit's monitor: validation ROC AUC for two classes, macro F1 otherwise."""
-    if metric != "auto":
-        return metric
-    return "val_roc_auc" if num_classes == 2 else "val_macro_f1"
 
 
 def open_study(config: SearchConfig, name: str, metric: str, maximize: bool, handler: Any = None) -> optuna.Study:

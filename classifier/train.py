@@ -181,12 +181,13 @@ class Trainer:
             self.scheduler.step(metrics[self.monitor])
             self.epoch = epoch
             self.history.append({"epoch": epoch, **metrics})
+            checkpoint = self.checkpoint()
             if self.best_epoch < 0 or self._better(metrics[self.monitor], self.best_metrics[self.monitor]):
                 self.best_epoch, self.best_metrics, self.stale_epochs = epoch, metrics, 0
-                save_atomically(self.checkpoint(), folder / BEST)
+                save_atomically(checkpoint, folder / BEST)
             else:
                 self.stale_epochs += 1
-            save_atomically({**self.checkpoint(), **self.resume_state(generator, run_id)}, folder / LAST)
+            save_atomically({**checkpoint, **self.resume_state(generator, run_id)}, folder / LAST)
             tracking.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run logs no epoch twice
             epochs.set_postfix({key: f"{metrics[key]:.4f}" for key in ("train_loss", "val_loss", self.monitor)})
             if on_epoch_end is not None:
@@ -228,7 +229,7 @@ class Trainer:
         return value > best if self.maximise else value < best
 
     def checkpoint(self) -> dict[str, Any]:
-        """The inference checkpoint (see the brief's contract): architecture, weights, classes, preprocessing."""
+        """The inference checkpoint: architecture, weights, classes, preprocessing (read by `model_from_checkpoint`)."""
         info = self.info
         return {
             "architecture": self.config.model,

@@ -14,9 +14,10 @@ from prepared import prepared_dataset
 from classifier.cli import main
 from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.errors import UserError
-from classifier.search import objective_metric, open_study
+from classifier.search import open_study
 from classifier.search_space import parse_space, suggest
 from classifier.search_storage import JOURNAL_FILE, default_storage, open_storage
+from classifier.train import resolve_monitor
 
 TRAIN_OPTIONS = [field for field in TrainConfig.__dataclass_fields__]
 
@@ -92,9 +93,9 @@ def test_default_storage_is_a_journal_beside_the_mlflow_store(tmp_path):
 
 
 def test_auto_metric_follows_fits_monitor():
-    assert objective_metric("auto", 2) == "val_roc_auc"
-    assert objective_metric("auto", 7) == "val_macro_f1"
-    assert objective_metric("val_loss", 2) == "val_loss"
+    assert resolve_monitor("auto", 2) == "val_roc_auc"
+    assert resolve_monitor("auto", 7) == "val_macro_f1"
+    assert resolve_monitor("val_loss", 2) == "val_loss"
 
 
 def test_space_suggests_within_declared_bounds():
