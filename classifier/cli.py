@@ -36,7 +36,27 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def underscores_as_dashes(token: str) -> str:
+    """Click's token normaliser: `--batch_size` (how `mlflow run` passes `-P batch_size=8`) is `--batch-size`.
+
+    Click applies it to option and command names and to Choice values (see ExactChoice), never to other values."""
+    return token.replace("_", "-")
+
+
+class ExactChoice(click.Choice):
+    """A Choice matched and listed as spelled (`cross_entropy`), not through `underscores_as_dashes`."""
+
+    def normalize_choice(self, choice: object, ctx: click.Context | None) -> str:
+        return super().normalize_choice(choice, None)
+
+
+@click.group(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "token_normalize_func": underscores_as_dashes,
+    }
+)
 @click.version_option(__version__, prog_name="classifier")
 def main() -> None:
     """Prepare image datasets, train, tune and serve classifiers, with every run tracked in MLflow."""
@@ -113,7 +133,23 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
 @click.option("--path-column", type=blank_is_unset(click.STRING), help="CSV source: column of image paths. [path]")
 @click.option("--label-column", type=blank_is_unset(click.STRING), help="CSV source: column of labels. [label]")
 @click.option("--group-column", type=blank_is_unset(click.STRING), help="CSV source: keep each group in one split.")
-@click.option("--class-names", type=blank_is_unset(click.STRING), help=".npz source: names of labels 0,1,... .")
+@click.option(
+    "--class-names",
+    type=blank_is_unset(click.STRING),
+    help=".npz: names of labels 0,1,...; CSV: the only classes allowed (a label may be an index into them).",
+)
+@click.option(
+    "--multi-label",
+    type=blank_is_unset(click.BOOL),
+    is_flag=False,
+    flag_value="true",
+    help="CSV source: each label cell lists classes separated by spaces (sigmoid, multi-label training).",
+)
+@click.option(
+    "--channel-files",
+    type=blank_is_unset(click.STRING),
+    help="CSV source: stack the files <path>_<name>.<ext> of these 3 or 4 channels, e.g. red,green,blue,yellow.",
+)
 @click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Worker processes. [all cores]")
 @click.option(
     "--skip-invalid",
@@ -208,7 +244,7 @@ def serve_command(model: str, **options: Any) -> None:
 
 
 def _choice(*names: str) -> BlankIsUnset:
-    return blank_is_unset(click.Choice(names))
+    return blank_is_unset(ExactChoice(names))
 
 
 def _flag(name: str, help: str) -> Any:
@@ -253,6 +289,16 @@ train_options = [
         help="Binary tasks: decision threshold reaching this validation recall (e.g. 0.95). [max F1]",
     ),
     click.option("--augment", type=_choice("none", "light", "strong"), help="Augmentation recipe. [light]"),
+    click.option(
+        "--progressive-sizes",
+        type=blank_is_unset(str),
+        help="Progressive resizing: training image sizes in equal shares of the epochs, e.g. 128,224. [off]",
+    ),
+    click.option(
+        "--metadata",
+        type=blank_is_unset(str),
+        help="Manifest columns fed to the model beside the image, e.g. age,sex,localization. [none]",
+    ),
     click.option("--amp", type=_choice("auto", "bf16", "fp16", "off"), help="Mixed precision (CUDA only). [auto]"),
     _flag("--channels-last", "Use the channels_last memory format (faster convolutions on GPUs)."),
     click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to train. [auto: cuda if available]"),
@@ -351,3 +397,68 @@ def evaluate_command(model: str, data: Path, config_path: Path | None, **options
         interval = result.intervals.get(key)
         click.echo(f"{key}: {value:.4f}" + (f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""))
     click.echo(f"run {result.run_id}")
+
+
+@main.command("embed")
+@click.argument("model")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@click.option("--split", type=_choice("training", "validation", "test"), help="Prepared split to embed. [validation]")
+@click.option("--batch-size", type=blank_is_unset(click.INT), help="Images per forward pass. [256]")
+@click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to run. [auto]")
+@click.option("--experiment", type=blank_is_unset(str), help="MLflow experiment of the embed run. [classifier]")
+@click.option("--perplexity", type=blank_is_unset(click.FLOAT), help="t-SNE perplexity (kept below the images). [30]")
+@click.option(
+    "--max-images", type=blank_is_unset(click.INT), help="t-SNE of at most this many, a stratified sample. [2000]"
+)
+@click.option("--seed", type=blank_is_unset(click.INT), help="Seed of the sample and of t-SNE. [42]")
+def embed_command(model: str, data: Path, config_path: Path | None, **options: Any) -> None:
+    """Log MODEL's penultimate-layer embeddings of a split of DATA and a t-SNE plot of them, coloured by class."""
+    from classifier.config import EmbedConfig, build_config, load_section
+    from classifier.embed import ARTIFACTS, embed
+
+    config = build_config(EmbedConfig, load_section(config_path, "embed"), options, origin="embed")
+    result = embed(config, model, data)
+    click.echo(
+        f"{len(result.paths)} {config.split} images embedded ({result.embeddings.shape[1]} features), "
+        f"{len(result.rows)} mapped by t-SNE"
+    )
+    click.echo(
+        f"run {result.run_id}: {ARTIFACTS}/embeddings.npz, embeddings.csv, tsne.png "
+        f"(fetch: mlflow artifacts download -r {result.run_id} -a {ARTIFACTS})"
+    )
+
+
+@main.command("ensemble")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@click.option("--study", type=blank_is_unset(str), help="Optuna study whose best completed trials are the members.")
+@click.option(
+    "--storage", type=blank_is_unset(str), help="Where the study lives (as for search). [the default journal file]"
+)
+@click.option("--top-k", type=blank_is_unset(click.INT), help="With --study: how many of the best trials. [3]")
+@click.option(
+    "--runs", type=blank_is_unset(str), help="Members instead of a study: training run ids (or checkpoints), a,b,..."
+)
+@click.option("--split", type=_choice("training", "validation", "test"), help="Split to score on. [test]")
+@click.option(
+    "--target-recall",
+    type=blank_is_unset(click.FLOAT),
+    help="Binary tasks: threshold reaching this validation recall. [the members' own, else max F1]",
+)
+@click.option("--register-as", type=blank_is_unset(str), help="Register the ensemble as a version of this model.")
+@click.option("--batch-size", type=blank_is_unset(click.INT), help="Images per forward pass. [256]")
+@click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to run. [auto]")
+@click.option("--experiment", type=blank_is_unset(str), help="MLflow experiment of the ensemble run. [classifier]")
+def ensemble_command(data: Path, config_path: Path | None, **options: Any) -> None:
+    """Average the probabilities of a study's top trials (or given runs) into one model; score them all on DATA."""
+    from classifier.config import EnsembleConfig, build_config, load_section
+    from classifier.ensembling import build_ensemble
+
+    config = build_config(EnsembleConfig, load_section(config_path, "ensemble"), options, origin="ensemble")
+    result = build_ensemble(config, data)
+    click.echo(result.table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    threshold = "argmax" if result.threshold is None else f"{result.threshold:.4f}"
+    click.echo(f"run {result.run_id}: decision threshold {threshold}; model {result.model_uri}")
+    if result.registered_version:
+        click.echo(f"registered as models:/{config.register_as}/{result.registered_version}")

@@ -33,6 +33,8 @@ class PrepareConfig:
     label_column: str = "label"
     group_column: str | None = None
     class_names: list[str] | None = None
+    multi_label: bool = False
+    channel_files: list[str] | None = None
     workers: int | None = None
     skip_invalid: bool = False
     overwrite: bool = False
@@ -57,6 +59,11 @@ class PrepareConfig:
             raise UserError(f"prepare: option 'folds' must be at least 2, got {self.folds}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"prepare: option 'workers' must be at least 1, got {self.workers}")
+        if self.channel_files is not None and len(self.channel_files) not in (3, 4):
+            raise UserError(
+                f"prepare: option 'channel_files' must name 3 or 4 channels (e.g. red,green,blue,yellow), "
+                f"got {','.join(self.channel_files)}"
+            )
 
     @property
     def split_fractions(self) -> dict[str, float]:
@@ -235,6 +242,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     target_recall: float | None = None
     augment: str = "light"
+    progressive_sizes: list[int] | None = None
+    metadata: list[str] | None = None
     amp: str = "auto"
     channels_last: bool = False
     device: str = "auto"
@@ -263,6 +272,13 @@ class TrainConfig:
             raise UserError(f"train: option 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
             raise UserError(f"train: option 'target_recall' must be in (0, 1], e.g. 0.95, got {self.target_recall}")
+        if self.progressive_sizes is not None and (
+            not self.progressive_sizes or min(self.progressive_sizes) < 8 or len(self.progressive_sizes) > self.epochs
+        ):
+            raise UserError(
+                f"train: option 'progressive_sizes' must be 1 to 'epochs' ({self.epochs}) image sizes of at least "
+                f"8 px, e.g. 128,224; got {self.progressive_sizes}"
+            )
         if self.freeze_epochs and self.freeze_epochs >= self.epochs:
             raise UserError(f"train: 'freeze_epochs' ({self.freeze_epochs}) must be below 'epochs' ({self.epochs})")
         choices = {
@@ -303,3 +319,62 @@ class EvaluateConfig:
             raise UserError(f"evaluate: option 'bootstrap' must be >= 0 (0 turns it off), got {self.bootstrap}")
         if self.device not in DEVICES:
             raise UserError(f"evaluate: unknown device '{self.device}'; use one of {', '.join(DEVICES)}")
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """How `classifier embed` maps a trained model's penultimate-layer embeddings of a split (the `embed:` section)."""
+
+    experiment: str = "classifier"
+    split: str = "validation"
+    batch_size: int = 256
+    device: str = "auto"
+    perplexity: float = 30.0
+    max_images: int = 2000
+    seed: int = 42
+
+    def validate(self) -> None:
+        if self.split not in ("training", "validation", "test"):
+            raise UserError(f"embed: unknown split '{self.split}'; use training, validation or test")
+        if self.batch_size < 1:
+            raise UserError(f"embed: option 'batch_size' must be >= 1, got {self.batch_size}")
+        if self.perplexity <= 0:
+            raise UserError(f"embed: option 'perplexity' must be > 0 (typically 5 to 50), got {self.perplexity}")
+        if self.max_images < 2:
+            raise UserError(f"embed: option 'max_images' must be >= 2 (images in the t-SNE), got {self.max_images}")
+        if self.device not in DEVICES:
+            raise UserError(f"embed: unknown device '{self.device}'; use one of {', '.join(DEVICES)}")
+
+
+@dataclasses.dataclass
+class EnsembleConfig:
+    """How `classifier ensemble` averages trained models (the `ensemble:` section of an experiment YAML)."""
+
+    experiment: str = "classifier"
+    study: str | None = None
+    storage: str | None = None
+    top_k: int = 3
+    runs: list[str] | None = None
+    split: str = "test"
+    target_recall: float | None = None
+    register_as: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if (self.study is None) == (self.runs is None):
+            raise UserError("ensemble: pass either --study NAME (its top trials) or --runs ID,ID,... , not both")
+        if self.top_k < 2:
+            raise UserError(f"ensemble: option 'top_k' must be >= 2 (members to average), got {self.top_k}")
+        if self.runs is not None and len(self.runs) < 2:
+            raise UserError(f"ensemble: needs at least 2 members, got {len(self.runs)} in --runs; pass 2 or more")
+        if self.runs is not None and len(set(self.runs)) < len(self.runs):
+            raise UserError("ensemble: --runs names a run twice; pass each member once")
+        if self.split not in ("training", "validation", "test"):
+            raise UserError(f"ensemble: unknown split '{self.split}'; use training, validation or test")
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise UserError(f"ensemble: option 'target_recall' must be in (0, 1], e.g. 0.95, got {self.target_recall}")
+        if self.batch_size < 1:
+            raise UserError(f"ensemble: option 'batch_size' must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise UserError(f"ensemble: unknown device '{self.device}'; use one of {', '.join(DEVICES)}")

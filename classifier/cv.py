@@ -9,19 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from classifier import tracking
 from classifier.config import TrainConfig
-from classifier.data.dataset import CachedImages, batched, fit_indices, load_split
+from classifier.data.dataset import fit_indices, load_split
 from classifier.data.layout import read_info
-from classifier.data.transforms import Normalise
 from classifier.errors import UserError
+from classifier.evaluate import predict_split
 from classifier.metrics import classification_metrics
-from classifier.models import model_from_checkpoint
 from classifier.plots import write_report
-from classifier.train import config_dict, fit, metric_name, predict_batches, resolve_device
+from classifier.train import config_dict, fit, metric_name, resolve_device
 
 
 @dataclass
@@ -51,7 +49,7 @@ def cross_validate(
         raise UserError(f"{data}: has no folds; prepare it with `classifier prepare --folds K` to cross-validate")
     tracking.connect()
     training = load_split(data, "training", config.cache)
-    labels = np.empty(len(training.labels), dtype=np.int64)
+    labels = np.empty_like(training.labels)
     probabilities = np.empty((len(training.labels), len(info.classes)), dtype=np.float32)
     with tracking.start_run(
         config.experiment, run_name or "cv", {**(tags or {}), "classifier.cv": "parent"}, parent_run_id
@@ -63,7 +61,11 @@ def cross_validate(
             result = fit(config, data, parent_run_id=parent, run_name=f"fold-{fold}", fold=fold, log_model=log_model)
             results.append(result)
             rows = fit_indices(info, training, fold)[1]
-            labels[rows], probabilities[rows] = _predict_fold(result.checkpoint, training, rows, config)
+            checkpoint = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+            device = resolve_device(config.device)
+            labels[rows], probabilities[rows] = predict_split(
+                checkpoint, training, config.batch_size * 2, device, rows=rows
+            )
         keys = [key for key in results[0].best_metrics if key.startswith("val_")]
         values = {key: np.array([result.best_metrics[key] for result in results]) for key in keys}
         mean = {key: float(np.nanmean(value)) for key, value in values.items()}
@@ -77,16 +79,3 @@ def cross_validate(
             write_report(Path(scratch), labels, probabilities, info.classes)
             tracking.log_artifacts(Path(scratch), "out_of_fold")
     return CVResult(parent, [result.run_id for result in results], mean, std, out_of_fold)
-
-
-def _predict_fold(
-    checkpoint_path: Path, training: Any, rows: np.ndarray, config: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """The best checkpoint's probabilities on its held-out fold."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    device = resolve_device(config.device)
-    model = model_from_checkpoint(checkpoint).to(device)
-    normalise = Normalise(checkpoint["preprocessing"]["mean"], checkpoint["preprocessing"]["std"]).to(device)
-    loader = DataLoader(CachedImages(training, rows), batch_size=config.batch_size * 2, collate_fn=batched)
-    labels, _, probabilities = predict_batches(model, loader, lambda images: normalise(images.to(device)))
-    return labels, probabilities

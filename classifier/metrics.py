@@ -12,9 +12,16 @@ from sklearn.preprocessing import label_binarize
 BOOTSTRAPPED = ("accuracy", "roc_auc", "macro_f1")
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """accuracy, balanced_accuracy, macro_f1, roc_auc, pr_auc (one-vs-rest macro for >2 classes), recall_<class>."""
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: np.ndarray | None = None
+) -> dict[str, float]:
+    """accuracy, balanced_accuracy, macro_f1, roc_auc, pr_auc (one-vs-rest macro for >2 classes), recall_<class>.
+
+    Multi-label data (`labels` an N x C multi-hot matrix) get `multilabel_metrics` at `thresholds` (0.5 by default).
+    """
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return multilabel_metrics(labels, probabilities, classes, thresholds)
     predictions = probabilities.argmax(axis=1)
     everyone = list(range(len(classes)))
     with warnings.catch_warnings():
@@ -31,6 +38,39 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     return {name: float(value) for name, value in result.items()}
 
 
+def multilabel_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: np.ndarray | None = None
+) -> dict[str, float]:
+    """accuracy (every label of an image right), hamming_accuracy, macro/micro/samples F1, macro ROC and PR AUC, and
+    per class f1_<class>, roc_auc_<class>, pr_auc_<class> (nan where the split lacks a positive or a negative)."""
+    predictions = multilabel_predictions(probabilities, thresholds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = {
+            "accuracy": metrics.accuracy_score(labels, predictions),
+            "hamming_accuracy": 1.0 - metrics.hamming_loss(labels, predictions),
+            "macro_f1": metrics.f1_score(labels, predictions, average="macro", zero_division=0),
+            "micro_f1": metrics.f1_score(labels, predictions, average="micro", zero_division=0),
+            "samples_f1": metrics.f1_score(labels, predictions, average="samples", zero_division=0),
+            "roc_auc": roc_auc(labels, probabilities),
+            "pr_auc": pr_auc(labels, probabilities),
+        }
+        f1s = metrics.f1_score(labels, predictions, average=None, zero_division=0)
+    for index, name in enumerate(classes):
+        column = labels[:, index]
+        both = 0 < column.sum() < len(column)
+        result[f"f1_{name}"] = f1s[index]
+        result[f"roc_auc_{name}"] = metrics.roc_auc_score(column, probabilities[:, index]) if both else np.nan
+        result[f"pr_auc_{name}"] = metrics.average_precision_score(column, probabilities[:, index]) if both else np.nan
+    return {name: float(value) for name, value in result.items()}
+
+
+def multilabel_predictions(probabilities: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Multi-hot predictions: each class whose probability reaches its threshold (0.5 when none are given)."""
+    cut = 0.5 if thresholds is None else np.asarray(thresholds, dtype=float)
+    return (probabilities >= cut).astype(int)
+
+
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """ROC AUC of the positive class (binary) or one-vs-rest macro; nan when only one class is present."""
     return _ranking_score(metrics.roc_auc_score, labels, probabilities)
@@ -42,7 +82,11 @@ def pr_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def _ranking_score(score: Callable[..., float], labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """`score` of the positive class (binary) or its one-vs-rest macro mean over the classes present."""
+    """`score` of the positive class (binary), its one-vs-rest macro mean over the classes present, or (multi-hot
+    labels) its macro mean over the classes with both positives and negatives."""
+    if labels.ndim == 2:
+        both = (labels.sum(axis=0) > 0) & (labels.sum(axis=0) < len(labels))
+        return float(score(labels[:, both], probabilities[:, both], average="macro")) if both.any() else float("nan")
     present = np.unique(labels)
     if len(present) < 2:
         return float("nan")
@@ -53,20 +97,28 @@ def _ranking_score(score: Callable[..., float], labels: np.ndarray, probabilitie
 
 
 def bootstrap_intervals(
-    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], resamples: int = 1000, seed: int = 0
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    resamples: int = 1000,
+    seed: int = 0,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile 95% intervals of accuracy, ROC AUC and macro F1 over `resamples` resamplings of the images."""
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {name: [] for name in BOOTSTRAPPED}
-    predictions = probabilities.argmax(axis=1)
-    everyone = list(range(len(classes)))
+    multi_label = labels.ndim == 2
+    predictions = multilabel_predictions(probabilities, thresholds) if multi_label else probabilities.argmax(axis=1)
+    everyone = None if multi_label else list(range(len(classes)))
     for _ in range(resamples):
         sample = rng.integers(0, len(labels), len(labels))
-        scores["accuracy"].append(float(np.mean(predictions[sample] == labels[sample])))
-        scores["roc_auc"].append(roc_auc(labels[sample], probabilities[sample]))
-        scores["macro_f1"].append(
-            metrics.f1_score(labels[sample], predictions[sample], labels=everyone, average="macro", zero_division=0)
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores["accuracy"].append(metrics.accuracy_score(labels[sample], predictions[sample]))
+            scores["roc_auc"].append(roc_auc(labels[sample], probabilities[sample]))
+            scores["macro_f1"].append(
+                metrics.f1_score(labels[sample], predictions[sample], labels=everyone, average="macro", zero_division=0)
+            )
     return {
         name: (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
         for name, values in scores.items()

@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from classifier.data.metadata import encoding_width, from_plain
 from classifier.errors import UserError
 
 SIMPLE_CNN = "simple_cnn"
@@ -20,6 +21,7 @@ class SimpleCNN(nn.Module):
     """Three conv-BN-ReLU-pool blocks and a linear head: a fast baseline for small images."""
 
     def __init__(self, num_classes: int, in_chans: int, width: int = 32, dropout: float = 0.2) -> None:
+        """`num_classes=0` leaves out the head: the network then returns its pooled features (as timm's do)."""
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
@@ -32,7 +34,10 @@ class SimpleCNN(nn.Module):
             ]
             channels = width * multiplier
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+        self.num_features = channels
+        self.classifier = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes)) if num_classes else nn.Identity()
+        )
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -41,10 +46,48 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.features(images))
 
 
+class MetadataFusion(nn.Module):
+    """An image network's pooled features joined with an embedding of the encoded metadata, then a linear head."""
+
+    def __init__(
+        self, backbone: nn.Module, metadata_width: int, num_classes: int, hidden: int = 32, dropout: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.metadata = nn.Sequential(nn.Linear(metadata_width, hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features + hidden, num_classes))
+
+    def get_classifier(self) -> nn.Module:
+        """Everything new on top of the image network (trained from the first epoch when the backbone is frozen)."""
+        return nn.ModuleList([self.metadata, self.classifier])
+
+    def forward_features(self, images: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.backbone(images), self.metadata(metadata)], dim=1)
+
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(images, metadata))
+
+
+def apply_model(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Call `model` on a batch's inputs: images, or (images, metadata) for a `MetadataFusion` network."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
 def create_model(
-    name: str, num_classes: int, in_chans: int, pretrained: bool = False, weights: Path | None = None
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool = False,
+    weights: Path | None = None,
+    metadata_width: int = 0,
 ) -> nn.Module:
-    """`simple_cnn` or any timm model; `weights` (a state_dict file) or `pretrained` initialise it."""
+    """`simple_cnn` or any timm model; `weights` (a state_dict file) or `pretrained` initialise it.
+
+    With `metadata_width`, the network's pooled features are fused with that many metadata inputs (`MetadataFusion`).
+    """
+    if metadata_width:
+        backbone = create_model(name, 0, in_chans, pretrained, weights)
+        return MetadataFusion(backbone, metadata_width, num_classes)
     if name == SIMPLE_CNN:
         model = SimpleCNN(num_classes, in_chans)
         if weights is not None:
@@ -155,7 +198,17 @@ def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the network a checkpoint describes (architecture name + state_dict), in eval mode."""
-    model = create_model(checkpoint["architecture"], int(checkpoint["num_classes"]), int(checkpoint["in_chans"]))
+    if checkpoint["architecture"] == "ensemble":
+        from classifier.ensemble import ensemble_from_checkpoint  # imports this module
+
+        return ensemble_from_checkpoint(checkpoint)
+    metadata_width = encoding_width(from_plain(checkpoint.get("metadata")))
+    model = create_model(
+        checkpoint["architecture"],
+        int(checkpoint["num_classes"]),
+        int(checkpoint["in_chans"]),
+        metadata_width=metadata_width,
+    )
     _load_exactly(model, checkpoint["state_dict"], f"checkpoint of {checkpoint['architecture']}")
     return model.eval()
 

@@ -15,18 +15,34 @@ from sklearn.metrics import (  # noqa: E402
     PrecisionRecallDisplay,
     RocCurveDisplay,
     classification_report,
+    multilabel_confusion_matrix,
 )
 
+from classifier.metrics import multilabel_predictions  # noqa: E402
 
-def write_report(folder: Path, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> list[Path]:
-    """Confusion matrix (counts and row-normalised), ROC and PR curves, and the classification report."""
+
+def write_report(
+    folder: Path,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    thresholds: np.ndarray | None = None,
+) -> list[Path]:
+    """Confusion matrix (counts and row-normalised), ROC and PR curves, and the classification report.
+
+    Multi-label data (multi-hot `labels`, predictions at `thresholds`) get one 2x2 confusion matrix per class.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    predictions = probabilities.argmax(axis=1)
-    everyone = list(range(len(classes)))
-    written = [
-        confusion_matrix_png(folder / "confusion_matrix.png", labels, predictions, classes, None),
-        confusion_matrix_png(folder / "confusion_matrix_normalised.png", labels, predictions, classes, "true"),
-    ]
+    multi_label = labels.ndim == 2
+    predictions = multilabel_predictions(probabilities, thresholds) if multi_label else probabilities.argmax(axis=1)
+    everyone = None if multi_label else list(range(len(classes)))
+    if multi_label:
+        written = [per_class_confusion_png(folder / "confusion_matrix_per_class.png", labels, predictions, classes)]
+    else:
+        written = [
+            confusion_matrix_png(folder / "confusion_matrix.png", labels, predictions, classes, None),
+            confusion_matrix_png(folder / "confusion_matrix_normalised.png", labels, predictions, classes, "true"),
+        ]
     if len(np.unique(labels)) > 1:
         written += [
             _curves(folder / "roc_curve.png", RocCurveDisplay, labels, probabilities, classes),
@@ -60,13 +76,29 @@ def confusion_matrix_png(
     return _save(figure, path)
 
 
+def per_class_confusion_png(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> Path:
+    """Multi-label: one 2x2 matrix (absent/present) per class, from sklearn's multilabel_confusion_matrix."""
+    matrices = multilabel_confusion_matrix(labels, predictions)
+    columns = min(4, len(classes))
+    rows = -(-len(classes) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.8 * rows), squeeze=False)
+    for index, (matrix, name) in enumerate(zip(matrices, classes, strict=True)):
+        display = ConfusionMatrixDisplay(matrix, display_labels=["absent", "present"])
+        display.plot(ax=axes.flat[index], colorbar=False, values_format="d")
+        axes.flat[index].set_title(name)
+    for unused in axes.flat[len(classes) :]:
+        unused.axis("off")
+    return _save(figure, path)
+
+
 def _curves(path: Path, display, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> Path:
-    """One curve for the positive class (binary) or one per class, one-vs-rest."""
+    """One curve for the positive class (binary) or one per class, one-vs-rest (or per label, multi-label)."""
     figure, axes = plt.subplots(figsize=(6, 5))
-    shown = [1] if len(classes) == 2 else range(len(classes))
+    shown = [1] if len(classes) == 2 and labels.ndim == 1 else range(len(classes))
     for index in shown:
-        if np.any(labels == index):
-            display.from_predictions(labels == index, probabilities[:, index], name=classes[index], ax=axes)
+        truth = labels[:, index] == 1 if labels.ndim == 2 else labels == index
+        if np.any(truth) and not np.all(truth):
+            display.from_predictions(truth, probabilities[:, index], name=classes[index], ax=axes)
     axes.set_title(f"{'ROC' if display is RocCurveDisplay else 'Precision-recall'} curve")
     return _save(figure, path)
 
@@ -83,6 +115,20 @@ def learning_curves(path: Path, history: list[dict[str, float]], monitor: str) -
         metric_axes.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key)
     metric_axes.set(xlabel="epoch", title="Metrics")
     metric_axes.legend()
+    return _save(figure, path)
+
+
+def tsne_png(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[str]) -> Path:
+    """A 2-D embedding (one row of `points` per image) as a scatter coloured by class, with a legend."""
+    figure, axes = plt.subplots(figsize=(7.5, 6))
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    size = float(np.clip(3000 / max(len(points), 1), 4, 30))
+    for index, name in enumerate(classes):
+        shown = labels == index
+        if np.any(shown):
+            axes.scatter(*points[shown].T, s=size, alpha=0.7, color=colours(index % colours.N), label=name)
+    axes.set(xticks=[], yticks=[], title=f"t-SNE of penultimate-layer embeddings ({len(points)} images)")
+    axes.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=2, fontsize="small")
     return _save(figure, path)
 
 

@@ -38,13 +38,35 @@ def list_images(paths: Iterable[Path]) -> list[Path]:
 
 
 def _paths_in_csv(csv: Path) -> list[Path]:
+    return [csv.parent / value for value in _read_csv(csv)[PATH_COLUMN]]
+
+
+def _read_csv(csv: Path) -> pd.DataFrame:
+    """The rows of a CSV listing images in its `path` column (rows with an empty path left out)."""
     try:
         listed = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{csv}: unreadable CSV ({error}); give one with a `{PATH_COLUMN}` column") from error
     if PATH_COLUMN not in listed.columns:
         raise UserError(f"{csv}: no `{PATH_COLUMN}` column; name the column holding the image paths `{PATH_COLUMN}`")
-    return [csv.parent / value for value in listed[PATH_COLUMN] if value]
+    return listed[listed[PATH_COLUMN] != ""].reset_index(drop=True)
+
+
+def metadata_rows(paths: Iterable[Path], columns: list[str]) -> pd.DataFrame:
+    """The metadata of the images a model with metadata inputs is asked about: PATHS must be CSVs with those columns."""
+    tables = []
+    for path in paths:
+        if path.suffix.lower() != ".csv" or not path.is_file():
+            raise UserError(
+                f"{path}: this model also takes metadata ({', '.join(columns)}); pass a CSV with columns "
+                f"{PATH_COLUMN},{','.join(columns)}"
+            )
+        table = _read_csv(path)
+        missing = [column for column in columns if column not in table.columns]
+        if missing:
+            raise UserError(f"{path}: missing metadata columns {', '.join(missing)}; the model needs them per image")
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
 
 
 def write_csv(table: pd.DataFrame, output: Path) -> None:
@@ -69,11 +91,13 @@ def predict(
     workers: int | None = None,
 ) -> pd.DataFrame:
     """Predict every image under `paths` with `model` and write path, label, confidence, prob_<class>, error rows."""
+    paths = list(paths)
     images = list_images(paths)
     classifier = load_classifier(
         model, tta=tta, inference_batch_size=batch_size, inference_device=device, decode_workers=workers
     )
-    table = classifier.predict(images, progress=True)
+    metadata = metadata_rows(paths, classifier.metadata_columns) if classifier.metadata_columns else None
+    table = classifier.predict(images, progress=True, metadata=metadata)
     table.insert(0, PATH_COLUMN, [str(image) for image in images])
     write_csv(table, output)
     unreadable = int(table[ERROR_COLUMN].notna().sum())

@@ -2,15 +2,17 @@
 
 Input contract (`mlflow.pyfunc.load_model(uri).predict(df)`, `/invocations` of `mlflow models serve`): a DataFrame
 with one string column `image`, each cell raw image bytes, a base64 string (a `data:image/...;base64,` prefix and
-line breaks are allowed) or the path of an image file readable where the model runs.
+line breaks are allowed) or the path of an image file readable where the model runs. A model trained with metadata
+also needs its metadata columns (e.g. age, sex), named in the signature; an empty cell is a missing value.
 
 Output contract: one row per input row, in order, with columns
-  label         the predicted class name
-  confidence    the probability of that class
+  label         the predicted class name; multi-label models: the predicted classes, space-separated (may be empty)
+  confidence    the probability of that class; multi-label models: the highest class probability
   prob_<class>  the probability of each class, in the checkpoint's class order
   error         null, or why the row's image could not be read (its label is then null and its probabilities NaN)
 An unreadable image never fails the batch. For two classes with a decision threshold in the checkpoint, the label is
-the second class (the positive one, e.g. PNEUMONIA after NORMAL) when its probability reaches the threshold.
+the second class (the positive one, e.g. PNEUMONIA after NORMAL) when its probability reaches the threshold; a
+multi-label model predicts each class whose probability reaches that class's threshold (tuned on validation).
 
 Model settings (`model_config`, overridable with `mlflow.pyfunc.load_model(uri, model_config={...})`): `tta`
 (average the probabilities over horizontal and vertical flips), `inference_batch_size`, `inference_device` ("cpu",
@@ -39,19 +41,21 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import AnyType
 from PIL import Image
 from tqdm import tqdm
 
-from classifier.data.images import normalise_mode, open_image, resize
+from classifier.data.images import image_channels, normalise_mode, open_image, resize
+from classifier.data.metadata import encode, from_plain
 from classifier.data.transforms import Normalise, flips, image_to_tensor
 from classifier.errors import UserError
-from classifier.models import model_from_checkpoint
+from classifier.models import apply_model, model_from_checkpoint
 
 INPUT_COLUMN = "image"
 ERROR_COLUMN = "error"
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_KEYS = ("architecture", "num_classes", "in_chans", "state_dict", "classes", "preprocessing", "threshold")
-KEPT_KEYS = (*INFERENCE_KEYS, "config")
+KEPT_KEYS = (*INFERENCE_KEYS, "config", "task", "metadata")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "tta": False,
     "inference_batch_size": 64,
@@ -124,7 +128,9 @@ class ImageClassifier:
         decode_workers: int | None = None,
     ) -> None:
         self.classes: list[str] = [str(name) for name in checkpoint["classes"]]
-        self.threshold: float | None = checkpoint.get("threshold")
+        self.threshold: float | list[float] | None = checkpoint.get("threshold")
+        self.multi_label = checkpoint.get("task") == "multi_label"
+        self.encodings = from_plain(checkpoint.get("metadata"))
         preprocessing = checkpoint["preprocessing"]
         self.size = int(preprocessing["size"])
         self.channels = int(preprocessing["channels"])
@@ -145,24 +151,61 @@ class ImageClassifier:
     def columns(self) -> list[str]:
         return ["label", "confidence", *self.probability_columns, ERROR_COLUMN]
 
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The metadata columns the model takes beside each image (none for image-only models)."""
+        return [encoding.name for encoding in self.encodings]
+
     def preprocess(self, source: bytes | Path, name: str | None = None) -> torch.Tensor:
         """Decode one image into the CxHxW tensor in [0, 1] that training reads (normalised per batch)."""
-        image = normalise_mode(open_image(source, size=self.size, name=name), self.channels, self.bit_depth)
+        image = open_image(source, size=self.size, name=name)
+        if self.channels == 4 and image_channels(image) != 4:  # an RGB(Y) model must not get a yellow-less image
+            raise UserError(
+                f"{name or source}: {image_channels(image)} channels, but the model takes 4; pass a 4-channel image "
+                "(RGBA PNG or 4-page TIFF)"
+            )
+        image = normalise_mode(image, self.channels, self.bit_depth)
         image = resize(image, self.size, self.resize_mode)
         return image_to_tensor(image, self.bit_depth)
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities of a batch of preprocessed tensors, averaged over flips when TTA is on."""
+    def probabilities(self, batch: torch.Tensor, metadata: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities (softmax, or sigmoid for multi-label models) of a batch of preprocessed tensors and
+        their encoded metadata rows, averaged over flips when TTA is on."""
         batch = self.normalise(batch.to(self.device))
+        extra = None if metadata is None else torch.from_numpy(metadata).to(self.device)
         views = flips(batch) if self.tta else [batch]
-        return torch.stack([self.network(view).softmax(dim=1) for view in views]).mean(dim=0).float().cpu().numpy()
+        outputs = [apply_model(self.network, view if extra is None else (view, extra)) for view in views]
+        activated = [output.sigmoid() if self.multi_label else output.softmax(dim=1) for output in outputs]
+        return torch.stack(activated).mean(dim=0).float().cpu().numpy()
+
+    def encode_metadata(self, table: pd.DataFrame | None, where: str = "input") -> np.ndarray | None:
+        """The model's encoded metadata for `table`'s rows (None for image-only models); missing columns fail."""
+        if not self.encodings:
+            return None
+        return encode(pd.DataFrame() if table is None else table, self.encodings, where)
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
-        """Predicted class indices: the stored threshold on the positive class for binary tasks, else argmax."""
+        """Predicted class indices: the stored threshold on the positive class for binary tasks, else argmax;
+        multi-label models: a multi-hot row per image, each class at its own threshold."""
+        if self.multi_label:
+            return (probabilities >= np.asarray(self.threshold if self.threshold is not None else 0.5)).astype(int)
         if self.threshold is not None and len(self.classes) == 2:
             return (probabilities[:, 1] >= self.threshold).astype(int)
         return probabilities.argmax(axis=1)
+
+    def labels(self, probabilities: np.ndarray) -> list[str]:
+        """The predicted label of each row: a class name, or (multi-label) the predicted classes space-separated."""
+        chosen = self.decide(probabilities)
+        if self.multi_label:
+            return [" ".join(name for name, on in zip(self.classes, row, strict=True) if on) for row in chosen]
+        return [self.classes[index] for index in chosen]
+
+    def confidences(self, probabilities: np.ndarray) -> np.ndarray:
+        """The probability of each row's predicted class (multi-label: the highest class probability)."""
+        if self.multi_label:
+            return probabilities.max(axis=1)
+        return probabilities[np.arange(len(probabilities)), self.decide(probabilities)]
 
     def table(self, probabilities: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
         """The output rows; rows with an error keep their place with a null label and NaN probabilities."""
@@ -171,10 +214,9 @@ class ImageClassifier:
         all_probabilities[readable] = probabilities
         labels: list[str | None] = [None] * len(errors)
         confidence = np.full(len(errors), np.nan)
-        chosen = self.decide(probabilities)
-        for row, index in zip(np.flatnonzero(readable), chosen, strict=True):
-            labels[row] = self.classes[index]
-            confidence[row] = all_probabilities[row, index]
+        confidence[readable] = self.confidences(probabilities)
+        for row, label in zip(np.flatnonzero(readable), self.labels(probabilities), strict=True):
+            labels[row] = label
         table = pd.DataFrame(all_probabilities, columns=self.probability_columns)
         table.insert(0, "label", pd.Series(labels, dtype=object))
         table.insert(1, "confidence", confidence)
@@ -192,17 +234,25 @@ class ImageClassifier:
         except UserError as error:
             return None, error.message
 
-    def predict(self, images: Iterable[Any], progress: bool = False) -> pd.DataFrame:
-        """Predict a sequence of image cells (bytes, base64 strings, paths) in batches; errors stay in their row."""
+    def predict(
+        self, images: Iterable[Any], progress: bool = False, metadata: pd.DataFrame | None = None
+    ) -> pd.DataFrame:
+        """Predict a sequence of image cells (bytes, base64 strings, paths) in batches; errors stay in their row.
+
+        `metadata` holds the metadata columns of the same rows, for models trained with metadata.
+        """
         images = list(images)
+        encoded = self.encode_metadata(metadata)
         tables = []
         with tqdm(total=len(images), unit="image", desc="predict", disable=not progress) as bar:
             for start in range(0, len(images), self.batch_size):
                 batch = images[start : start + self.batch_size]
                 read = self.read(batch, [f"row {position}" for position in range(start, start + len(batch))])
                 tensors = [tensor for tensor, _ in read if tensor is not None]
+                rows = [start + offset for offset, (tensor, _) in enumerate(read) if tensor is not None]
+                extra = None if encoded is None else encoded[rows]
                 probabilities = (
-                    self.probabilities(torch.stack(tensors)) if tensors else np.empty((0, len(self.classes)))
+                    self.probabilities(torch.stack(tensors), extra) if tensors else np.empty((0, len(self.classes)))
                 )
                 tables.append(self.table(probabilities, [error for _, error in read]))
                 bar.update(len(batch))
@@ -219,7 +269,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        return self.classifier.predict(model_input[INPUT_COLUMN])
+        return self.classifier.predict(model_input[INPUT_COLUMN], metadata=model_input)
 
 
 def load_classifier(model: str, **settings: Any) -> ImageClassifier:
@@ -249,19 +299,25 @@ def load_classifier(model: str, **settings: Any) -> ImageClassifier:
     return python_model.classifier
 
 
-def model_signature(classes: list[str]) -> ModelSignature:
-    """Input: one string column of images; output: label, confidence, one probability per class, error."""
+def model_signature(classes: list[str], metadata: list[dict[str, Any]] | None = None) -> ModelSignature:
+    """Input: one string column of images (and the metadata columns, of any type);
+    output: label, confidence, one probability per class, error."""
     outputs = [
         ColSpec(DataType.string, "label", required=False),
         ColSpec(DataType.double, "confidence", required=False),
         *(ColSpec(DataType.double, f"prob_{name}", required=False) for name in classes),
         ColSpec(DataType.string, ERROR_COLUMN, required=False),
     ]
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]), outputs=Schema(outputs))
+    inputs = [ColSpec(DataType.string, INPUT_COLUMN)]
+    # Any type: a client's ages may arrive as ints, floats or strings; the encoding reads each as a number or a missing
+    # value, and a missing column fails with a message naming it.
+    inputs += [ColSpec(AnyType(), encoding.name, required=False) for encoding in from_plain(metadata)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
-def example_input(preprocessing: dict[str, Any]) -> pd.DataFrame:
-    """A one-row input: a mid-grey PNG of the trained size and mode, base64-encoded as a client would send it."""
+def example_input(preprocessing: dict[str, Any], metadata: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """A one-row input: a mid-grey PNG of the trained size and mode, base64-encoded as a client would send it, and
+    typical metadata values (the training mean, the first category)."""
     size = int(preprocessing["size"])
     if int(preprocessing["channels"]) == 1 and int(preprocessing["bit_depth"]) == 16:
         image = Image.fromarray(np.full((size, size), 32768, dtype=np.uint16))
@@ -269,7 +325,10 @@ def example_input(preprocessing: dict[str, Any]) -> pd.DataFrame:
         image = Image.new(MODES_BY_CHANNELS[int(preprocessing["channels"])], (size, size), "grey")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return pd.DataFrame({INPUT_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+    example: dict[str, list[Any]] = {INPUT_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]}
+    for encoding in from_plain(metadata):
+        example[encoding.name] = [encoding.mean if encoding.kind == "numeric" else (encoding.categories or [""])[0]]
+    return pd.DataFrame(example)
 
 
 def serving_requirements() -> list[str]:
@@ -292,9 +351,10 @@ def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: An
     state = read_checkpoint(Path(checkpoint))
     settings = model_settings(log_kwargs.pop("model_config", {}))
     threshold = state.get("threshold")
+    shown = [threshold] if isinstance(threshold, float | int) else threshold or []
     params = {
         "architecture": str(state["architecture"]),
-        "decision_threshold": "none" if threshold is None else f"{threshold:.6g}",
+        "decision_threshold": ",".join(f"{value:.6g}" for value in shown) or "none",
         "tta": str(settings["tta"]),
         **log_kwargs.pop("params", {}),
     }
@@ -307,8 +367,8 @@ def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: An
             python_model=str(MODEL_CODE),
             artifacts={CHECKPOINT_ARTIFACT: str(slim)},
             code_paths=[str(MODEL_CODE.resolve().parent)],
-            signature=model_signature(metadata["classes"]),
-            input_example=example_input(state["preprocessing"]),
+            signature=model_signature(metadata["classes"], state.get("metadata")),
+            input_example=example_input(state["preprocessing"], state.get("metadata")),
             pip_requirements=serving_requirements(),
             model_config=settings,
             metadata=metadata,

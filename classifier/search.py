@@ -73,7 +73,8 @@ class WorkerJob:
 def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult:
     """Run (or resume, or join) the study until it holds `config.n_trials` trials, then register the best model."""
     info = read_info(data)
-    metric = resolve_monitor(config.metric, len(info.classes))  # the same names as fit's --monitor
+    # the same names as fit's --monitor
+    metric = resolve_monitor(config.metric, len(info.classes), info.task == "multi_label")
     maximize = not metric.endswith("loss")
     tunable = [field.name for field in dataclasses.fields(TrainConfig)]
     parse_space(config.space, tunable)

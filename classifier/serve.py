@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import numpy as np
+import pandas as pd
 import torch
 import uvicorn
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -20,7 +22,8 @@ READ_CHUNK = 1 << 20
 
 
 class FilePrediction(BaseModel):
-    """One uploaded file: its predicted class, that class's probability and every class's."""
+    """One uploaded file: its predicted class (multi-label: the predicted classes, space-separated), that class's
+    probability (multi-label: the highest) and every class's."""
 
     file: str
     label: str
@@ -47,8 +50,9 @@ class Health(BaseModel):
     status: str
     model: str
     classes: list[str]
-    threshold: float | None
+    threshold: float | list[float] | None
     tta: bool
+    metadata_columns: list[str]
 
 
 class RejectedUpload(Exception):
@@ -92,34 +96,75 @@ def create_app(classifier: ImageClassifier, model: str, max_upload_mb: float = D
     def health() -> Health:
         """Liveness and what is being served."""
         return Health(
-            status="ok", model=model, classes=classifier.classes, threshold=classifier.threshold, tta=classifier.tta
+            status="ok",
+            model=model,
+            classes=classifier.classes,
+            threshold=classifier.threshold,
+            tta=classifier.tta,
+            metadata_columns=classifier.metadata_columns,
         )
 
     @app.post("/predict", responses=rejections)
-    def predict(files: Annotated[list[UploadFile], File(description="One or more image files")]) -> Predictions:
+    def predict(
+        files: Annotated[list[UploadFile], File(description="One or more image files")],
+        metadata: Annotated[
+            str | None,
+            Form(description="Models with metadata inputs: a JSON object of them, or a list of one per file"),
+        ] = None,
+    ) -> Predictions:
         """Label each uploaded image. One unreadable or oversized file rejects the request (4xx naming it)."""
+        extra = read_metadata(classifier, metadata, [upload.filename for upload in files])
         contents = [read_upload(upload, max_bytes) for upload in files]
         read = classifier.read(contents, [upload.filename for upload in files])
         for upload, (_, error) in zip(files, read, strict=True):
             if error is not None:
                 raise RejectedUpload(415, upload.filename, error)
         tensors = [tensor for tensor, _ in read]
-        batches = torch.stack(tensors).split(classifier.batch_size)
-        probabilities = np.concatenate([classifier.probabilities(batch) for batch in batches])
-        chosen = classifier.decide(probabilities)
+        size = classifier.batch_size
+        batches = torch.stack(tensors).split(size)
+        rows = [None if extra is None else extra[start : start + size] for start in range(0, len(tensors), size)]
+        probabilities = np.concatenate(
+            [classifier.probabilities(batch, row) for batch, row in zip(batches, rows, strict=True)]
+        )
         return Predictions(
             predictions=[
                 FilePrediction(
                     file=upload.filename,
-                    label=classifier.classes[index],
-                    confidence=float(row[index]),
+                    label=label,
+                    confidence=float(confidence),
                     probabilities=dict(zip(classifier.classes, row.tolist(), strict=True)),
                 )
-                for upload, row, index in zip(files, probabilities, chosen, strict=True)
+                for upload, row, label, confidence in zip(
+                    files,
+                    probabilities,
+                    classifier.labels(probabilities),
+                    classifier.confidences(probabilities),
+                    strict=True,
+                )
             ]
         )
 
     return app
+
+
+def read_metadata(classifier: ImageClassifier, text: str | None, files: list[str]) -> np.ndarray | None:
+    """The encoded metadata of each uploaded file from the `metadata` form field (422 naming what is wrong)."""
+    if not classifier.metadata_columns:
+        return None
+    where = ", ".join(classifier.metadata_columns)
+    try:
+        values = json.loads(text) if text else None
+    except json.JSONDecodeError as error:
+        raise RejectedUpload(422, "metadata", f"metadata: not JSON ({error.msg}); send an object of {where}") from None
+    rows = [values] * len(files) if isinstance(values, dict) else values
+    if not isinstance(rows, list) or len(rows) != len(files) or not all(isinstance(row, dict) for row in rows):
+        raise RejectedUpload(
+            422, "metadata", f"metadata: send a JSON object of {where}, or a list of one object per uploaded file"
+        )
+    try:
+        return classifier.encode_metadata(pd.DataFrame(rows), "metadata")
+    except UserError as error:
+        raise RejectedUpload(422, "metadata", error.message) from None
 
 
 def serve(

@@ -1,4 +1,5 @@
-"""The decision threshold of a binary classifier, chosen on the validation split from its precision-recall curve."""
+"""Decision thresholds chosen on the validation split from precision-recall curves: the positive class of a binary
+classifier, or each class of a multi-label one."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def choose_threshold(y_true: ArrayLike, scores: ArrayLike, target_recall: float 
         return float(thresholds[np.argmax(f1)])
     reaching = recall >= target_recall  # the lowest threshold reaches recall 1, so some always do
     return float(thresholds[np.argmax(np.where(reaching, precision, -1.0))])
+
+
+def choose_thresholds(
+    labels: np.ndarray, probabilities: np.ndarray, target_recall: float | None = None, default: float = 0.5
+) -> list[float]:
+    """Per-class thresholds of a multi-label model, each chosen on its own column as `choose_threshold` does; a class
+    without both positives and negatives in the validation split keeps `default`."""
+    labels = np.asarray(labels)
+    return [
+        choose_threshold(labels[:, index], probabilities[:, index], target_recall)
+        if 0 < labels[:, index].sum() < len(labels)
+        else default
+        for index in range(labels.shape[1])
+    ]

@@ -102,8 +102,7 @@ def log_prepared_dataset(experiment: str, source: Path, output: Path, params: di
     with start_run(experiment, run_name=f"prepare {output.name}", tags={"classifier.command": "prepare"}) as run:
         settings = {key: value for key, value in params.items() if key != "experiment"}
         settings.update(source=source, output=output, fingerprint=info.fingerprint)
-        logged = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the entry point's parameters
-        mlflow.log_params({key: str(value) for key, value in settings.items() if key not in logged})
+        log_params(settings)
         counts = {f"images_{split}": sum(per_class.values()) for split, per_class in info.counts.items()}
         for split, per_class in info.counts.items():
             counts.update({_metric_name(f"images_{split}_{label}"): n for label, n in per_class.items()})
@@ -175,9 +174,21 @@ def register_champion(
     return version.version
 
 
+PARAM_TAG = "classifier.param."
+
+
 def log_params(params: dict[str, Any]) -> None:
-    """Log the active run's parameters in one batched call (values as strings, cut to MLflow's limit)."""
-    mlflow.log_params({key: str(value)[:6000] for key, value in params.items()}, synchronous=False)
+    """Log the active run's parameters in one batched call (values as strings, cut to MLflow's limit).
+
+    Keys the run has already (`mlflow run` logs the `-P` values as given) keep their value: MLflow refuses to change
+    a parameter and would drop the whole batch. Where ours differs (`-P lr=1e-2`, resolved 0.01), it becomes the tag
+    `classifier.param.KEY`."""
+    values = {key: str(value)[:6000] for key, value in params.items()}
+    logged = mlflow.get_run(active_run_id()).data.params
+    mlflow.log_params({key: value for key, value in values.items() if key not in logged}, synchronous=False)
+    differing = {PARAM_TAG + key: value for key, value in values.items() if logged.get(key, value) != value}
+    if differing:
+        mlflow.set_tags(differing, synchronous=False)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:

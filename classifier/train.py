@@ -1,8 +1,10 @@
-"""fit(config, data): one tracked training run with AMP, two-stage fine-tuning, early stopping and resume."""
+"""fit(config, data): one tracked training run with AMP, two-stage fine-tuning, progressive resizing, early stopping
+and resume; single-label (softmax) or multi-label (sigmoid) data, images alone or with metadata."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.optim import lr_scheduler
@@ -25,15 +28,16 @@ from tqdm import tqdm
 
 from classifier import tracking
 from classifier.config import TrainConfig, build_config
-from classifier.data.dataset import CachedImages, batched, fit_indices, load_split
+from classifier.data.dataset import CachedImages, batched, class_counts, fit_indices, load_split
 from classifier.data.layout import DatasetInfo, read_info
+from classifier.data.metadata import ColumnEncoding, encode, encoding_width, fit_encoding, to_plain
 from classifier.data.transforms import Normalise, augmentation
 from classifier.errors import UserError
 from classifier.losses import make_criterion
 from classifier.metrics import classification_metrics
-from classifier.models import create_model, head_and_backbone, set_backbone_trainable
+from classifier.models import apply_model, create_model, head_and_backbone, set_backbone_trainable
 from classifier.plots import learning_curves, write_report
-from classifier.threshold import choose_threshold
+from classifier.threshold import choose_threshold, choose_thresholds
 
 BEST, LAST = "best.pt", "last.pt"
 RESUME_TAG = "classifier.resume_key"
@@ -82,14 +86,21 @@ def fit(
             raise UserError(f"run {run_id} was trained on classes {state['classes']}, {data} has {info.classes}")
     _seed_everything(config.seed)
     device = resolve_device(config.device)
-    model = create_model(config.model, len(info.classes), info.channels, config.pretrained, config.weights)
-    trainer = Trainer(config, info, model, device)
-    train_set, val_set = _datasets(config, data, info, fold)
-    counts = np.bincount(train_set.labels, minlength=len(info.classes))
+    if config.progressive_sizes and max(config.progressive_sizes) > info.size:
+        raise UserError(
+            f"train: progressive_sizes {config.progressive_sizes} go beyond the {info.size} px of {data}; "
+            f"use sizes up to {info.size} (the last stage normally is {info.size})"
+        )
+    train_set, val_set, encodings = _datasets(config, data, info, fold)
+    model = create_model(
+        config.model, len(info.classes), info.channels, config.pretrained, config.weights, encoding_width(encodings)
+    )
+    trainer = Trainer(config, info, model, device, encodings)
+    counts = class_counts(train_set.labels, len(info.classes))
     if (counts == 0).any():
         missing = [name for name, count in zip(info.classes, counts, strict=True) if count == 0]
         raise UserError(f"{data}: no training images for classes {missing}; prepare the dataset with more images")
-    trainer.set_criterion(counts)
+    trainer.set_criterion(counts, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = make_loader(train_set, config, device, generator, shuffle=True)
     val_loader = make_loader(val_set, config, device, None, shuffle=False)
@@ -131,13 +142,22 @@ def fit(
 class Trainer:
     """The epoch loop's state: model, optimiser, schedule, scaler, best epoch; saved whole in `last.pt`."""
 
-    def __init__(self, config: TrainConfig, info: DatasetInfo, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        info: DatasetInfo,
+        model: nn.Module,
+        device: torch.device,
+        encodings: list[ColumnEncoding] | None = None,
+    ) -> None:
         self.config, self.info, self.device = config, info, device
+        self.multi_label = info.task == "multi_label"
+        self.encodings = encodings or []
         self.amp_dtype = amp_dtype(config.amp, device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         self.normalise = Normalise(info.mean, info.std).to(device)
-        self.monitor = resolve_monitor(config.monitor, len(info.classes))
+        self.monitor = resolve_monitor(config.monitor, len(info.classes), self.multi_label)
         self.maximise = not self.monitor.endswith("loss")
         self.optimizer = make_optimizer(model, config)
         self.scheduler = EpochScheduler(self.optimizer, config, self.maximise)
@@ -149,10 +169,16 @@ class Trainer:
         self.stale_epochs = 0
         self.history: list[dict[str, float]] = []
 
-    def set_criterion(self, counts: np.ndarray) -> None:
+    def set_criterion(self, counts: np.ndarray, images: int) -> None:
+        """The training loss, given the training images per class (`counts`) out of `images`."""
         config = self.config
         criterion = make_criterion(
-            config.loss, counts, config.class_weights, config.label_smoothing, config.focal_gamma
+            config.loss,
+            counts,
+            config.class_weights,
+            config.label_smoothing,
+            config.focal_gamma,
+            multi_label_total=images if self.multi_label else None,
         )
         self.criterion = criterion.to(self.device)
 
@@ -172,12 +198,15 @@ class Trainer:
         for epoch in epochs:
             set_backbone_trainable(self.model, epoch >= config.freeze_epochs)
             lr = self.optimizer.param_groups[0]["lr"]
-            train_loss, train_accuracy = self.train_one_epoch(train_loader)
+            size = self.image_size(epoch)
+            train_loss, train_accuracy = self.train_one_epoch(train_loader, size)
             val_loss, labels, probabilities = self.predict(val_loader)
             metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss}
             scores = classification_metrics(labels, probabilities, self.info.classes)
             metrics.update({metric_name(f"val_{name}"): value for name, value in scores.items()})
             metrics["lr"] = lr
+            if config.progressive_sizes:
+                metrics["image_size"] = size
             self.scheduler.step(metrics[self.monitor])
             self.epoch = epoch
             self.history.append({"epoch": epoch, **metrics})
@@ -195,35 +224,53 @@ class Trainer:
             if config.patience and self.stale_epochs >= config.patience:
                 break
 
-    def train_one_epoch(self, loader: DataLoader) -> tuple[float, float]:
-        """One pass over the training loader; returns the mean loss and accuracy."""
+    def image_size(self, epoch: int) -> int:
+        """The training image size of `epoch`: `progressive_sizes` take equal shares of the epochs, in order."""
+        sizes = self.config.progressive_sizes
+        if not sizes:
+            return self.info.size
+        return sizes[min(len(sizes) - 1, epoch * len(sizes) // self.config.epochs)]
+
+    def train_one_epoch(self, loader: DataLoader, size: int | None = None) -> tuple[float, float]:
+        """One pass over the training loader with images at `size` px; returns the mean loss and accuracy (per
+        label, at probability 0.5, for multi-label data)."""
         self.model.train()
         total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        correct = torch.zeros((), device=self.device)
         seen = 0
-        for images, labels in tqdm(loader, desc="training", unit="batch", leave=False, mininterval=1):
-            images, labels = self._inputs(images), labels.to(self.device, non_blocking=True)
+        for inputs, labels in tqdm(loader, desc="training", unit="batch", leave=False, mininterval=1):
+            inputs, labels = self._inputs(inputs, size), labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(images)
+                logits = apply_model(self.model, inputs)
                 loss = self.criterion(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             total_loss += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
+            if self.multi_label:
+                correct += ((logits.detach() > 0) == (labels > 0.5)).float().mean(1).sum()
+            else:
+                correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
         return total_loss.item() / seen, correct.item() / seen
 
     def predict(self, loader: DataLoader) -> tuple[float, np.ndarray, np.ndarray]:
-        """Mean loss (the training criterion), labels and softmax probabilities over `loader`."""
-        labels, logits, probabilities = predict_batches(self.model, loader, self._inputs, self.amp_dtype)
+        """Mean loss (the training criterion), labels and probabilities (softmax, or sigmoid) over `loader`."""
+        labels, logits, probabilities = predict_batches(
+            self.model, loader, self._inputs, self.amp_dtype, multi_label=self.multi_label
+        )
         loss = self.criterion(logits.to(self.device), torch.from_numpy(labels).to(self.device)).item()
         return loss, labels, probabilities
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, inputs: Any, size: int | None = None) -> Any:
+        """A batch's images normalised on the device (downscaled to `size` px when smaller), metadata moved there."""
+        images, metadata = inputs if isinstance(inputs, tuple) else (inputs, None)
         images = self.normalise(images.to(self.device, non_blocking=True))
-        return images.contiguous(memory_format=self.memory_format)
+        if size is not None and size < images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = images.contiguous(memory_format=self.memory_format)
+        return images if metadata is None else (images, metadata.to(self.device, non_blocking=True))
 
     def _better(self, value: float, best: float) -> bool:
         return value > best if self.maximise else value < best
@@ -247,6 +294,8 @@ class Trainer:
             },
             "config": config_dict(self.config),
             "threshold": None,
+            "task": info.task,
+            "metadata": to_plain(self.encodings),
         }
 
     def resume_state(self, generator: torch.Generator, run_id: str) -> dict[str, Any]:
@@ -296,14 +345,26 @@ class Trainer:
         best = torch.load(folder / BEST, map_location=self.device, weights_only=True)
         self.model.load_state_dict(best["state_dict"])
         _, labels, probabilities = self.predict(val_loader)
-        if len(self.info.classes) == 2 and np.unique(labels).size == 2:
+        thresholds = None
+        if self.multi_label:
+            thresholds = choose_thresholds(labels, probabilities, self.config.target_recall)
+            best["threshold"] = thresholds
+            torch.save(best, folder / BEST)
+            tuned = classification_metrics(labels, probabilities, self.info.classes, np.asarray(thresholds))
+            logged = {
+                metric_name(f"decision_threshold_{name}"): value
+                for name, value in zip(self.info.classes, thresholds, strict=True)
+            }
+            logged.update({metric_name(f"tuned_val_{name}"): value for name, value in tuned.items()})
+            tracking.log_metrics(logged)
+        elif len(self.info.classes) == 2 and np.unique(labels).size == 2:
             best["threshold"] = choose_threshold(labels == 1, probabilities[:, 1], self.config.target_recall)
             torch.save(best, folder / BEST)
             tracking.log_metrics({"decision_threshold": best["threshold"]})
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             upload = Path(scratch)
             report = upload / "evaluation"
-            write_report(report, labels, probabilities, self.info.classes)
+            write_report(report, labels, probabilities, self.info.classes, thresholds)
             learning_curves(report / "learning_curves.png", self.history, self.monitor)
             (report / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
             (upload / "config").mkdir()
@@ -325,19 +386,24 @@ class Trainer:
 def predict_batches(
     model: nn.Module,
     loader: DataLoader,
-    inputs: Callable[[torch.Tensor], torch.Tensor],
+    inputs: Callable[[Any], Any],
     amp: torch.dtype | None = None,
     views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+    multi_label: bool = False,
 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-    """Labels, logits (first view) and softmax probabilities averaged over `views(images)` for a whole loader."""
+    """Labels, logits (first view) and probabilities (softmax, or sigmoid when `multi_label`) averaged over
+    `views(images)` for a whole loader; `inputs` prepares a batch's inputs (images, or images and metadata)."""
     model.eval()
     device = next(model.parameters()).device
+    activation = torch.sigmoid if multi_label else functools.partial(torch.softmax, dim=1)
     all_labels, all_logits, all_probabilities = [], [], []
-    for images, labels in loader:
-        batch = inputs(images)
+    for batch_inputs, labels in loader:
+        batch = inputs(batch_inputs)
+        images, metadata = batch if isinstance(batch, tuple) else (batch, None)
+        shown = views(images) if views else [images]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = [model(view).float() for view in (views(batch) if views else [batch])]
-        all_probabilities.append(torch.stack([view.softmax(1) for view in logits]).mean(0).cpu())
+            logits = [apply_model(model, view if metadata is None else (view, metadata)).float() for view in shown]
+        all_probabilities.append(torch.stack([activation(view) for view in logits]).mean(0).cpu())
         all_logits.append(logits[0].cpu())
         all_labels.append(labels)
     return torch.cat(all_labels).numpy(), torch.cat(all_logits), torch.cat(all_probabilities).numpy()
@@ -417,9 +483,9 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def resolve_monitor(monitor: str, num_classes: int) -> str:
+def resolve_monitor(monitor: str, num_classes: int, multi_label: bool = False) -> str:
     if monitor == "auto":
-        return "val_roc_auc" if num_classes == 2 else "val_macro_f1"
+        return "val_roc_auc" if num_classes == 2 and not multi_label else "val_macro_f1"
     return monitor if monitor.startswith(("val_", "train_")) else f"val_{monitor}"
 
 
@@ -442,16 +508,33 @@ def save_atomically(values: dict[str, Any], path: Path) -> None:
 
 def _datasets(
     config: TrainConfig, data: Path, info: DatasetInfo, fold: int | None
-) -> tuple[CachedImages, CachedImages]:
+) -> tuple[CachedImages, CachedImages, list[ColumnEncoding]]:
+    """Training and validation sets (the held-out fold, or the validation split) and the metadata encoding fitted
+    on the training rows (empty without `config.metadata`)."""
     training = load_split(data, "training", config.cache)
     train_rows, val_rows = fit_indices(info, training, fold)
+    validation = training
+    if val_rows is None:
+        validation = load_split(data, "validation", config.cache)
+        if len(validation.labels) == 0:
+            raise UserError(f"{data}: no validation images; prepare it with a validation fraction or with --folds K")
+    encodings, train_metadata, val_metadata = [], None, None
+    if config.metadata:
+        absent = [column for column in config.metadata if column not in info.metadata_columns]
+        if absent:
+            raise UserError(
+                f"train: metadata columns {', '.join(absent)} are not in {data} (it has "
+                f"{', '.join(info.metadata_columns) or 'none'}); prepare from a CSV with them or change --metadata"
+            )
+        encodings = fit_encoding(training.rows.iloc[train_rows], config.metadata)
+        train_metadata = encode(training.rows, encodings)
+        val_metadata = train_metadata if validation is training else encode(validation.rows, encodings)
     transform = augmentation(config.augment, info.size)
-    if val_rows is not None:
-        return CachedImages(training, train_rows, transform), CachedImages(training, val_rows)
-    validation = load_split(data, "validation", config.cache)
-    if len(validation.labels) == 0:
-        raise UserError(f"{data}: no validation images; prepare it with a validation fraction or with --folds K")
-    return CachedImages(training, train_rows, transform), CachedImages(validation)
+    return (
+        CachedImages(training, train_rows, transform, train_metadata),
+        CachedImages(validation, val_rows, None, val_metadata),
+        encodings,
+    )
 
 
 def make_loader(
@@ -464,8 +547,7 @@ def make_loader(
         workers = 0 if (dataset.transform is None and in_memory) else min(4, max(1, (os.cpu_count() or 1) - 1))
     sampler = None
     if shuffle and config.sampler == "weighted":
-        counts = np.bincount(dataset.labels)
-        weights = torch.as_tensor(1.0 / counts[dataset.labels], dtype=torch.double)
+        weights = torch.as_tensor(sample_weights(dataset.labels), dtype=torch.double)
         sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
     return DataLoader(
         dataset,
@@ -477,6 +559,15 @@ def make_loader(
         collate_fn=batched,
         pin_memory=device.type == "cuda",
     )
+
+
+def sample_weights(labels: np.ndarray) -> np.ndarray:
+    """Class-balancing draw weights: 1 / (images of the class); multi-label, that of the image's rarest label."""
+    if labels.ndim == 1:
+        return 1.0 / np.bincount(labels)[labels]
+    inverse = 1.0 / np.maximum(labels.sum(axis=0), 1.0)
+    weights = (labels * inverse).max(axis=1)
+    return np.where(weights > 0, weights, 1.0 / len(labels))
 
 
 def _params(config: TrainConfig, info: DatasetInfo, fold: int | None, n_train: int, n_val: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 
 from classifier.cli import main
 from classifier.config import PrepareConfig
+from classifier.data import prepare as prepare_module
 from classifier.data.layout import MANIFEST_COLUMNS, DatasetInfo, read_info, read_manifest
 from classifier.data.prepare import prepare
 from classifier.data.sources import read_source
@@ -274,6 +275,53 @@ def test_existing_output_is_reused_refused_or_overwritten(image_folder: Path, tm
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+def test_an_empty_output_folder_is_filled(image_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    assert sum(sum(n.values()) for n in run(image_folder, tmp_path / "out").counts.values()) == 40
+    assert len(read_manifest(tmp_path / "out")) == 40
+
+
+def test_changed_image_content_is_seen_on_the_rerun(image_folder: Path, tmp_path: Path) -> None:
+    """A first prepare hashes each file as it converts it, a rerun hashes the sources first: both must agree."""
+    truncated = image_folder / "benign" / "cut.png"
+    buffer = io.BytesIO()
+    class_image(0, 0, (64, 64)).save(buffer, format="PNG")
+    truncated.write_bytes(buffer.getvalue()[:-200])  # readable header, fails while decoding: skipped
+    first = run(image_folder, tmp_path / "out", skip_invalid=True)
+    assert [entry["path"] for entry in first.skipped] == ["benign/cut.png"]
+    assert run(image_folder, tmp_path / "out", skip_invalid=True) == first  # up to date, the skipped file included
+
+    changed = image_folder / "malignant" / "malignant_000.png"
+    class_image(1, 99).save(changed)
+    with pytest.raises(UserError, match="prepared from other inputs or settings"):
+        run(image_folder, tmp_path / "out", skip_invalid=True)
+    second = run(image_folder, tmp_path / "out", skip_invalid=True, overwrite=True)
+    row = read_manifest(tmp_path / "out").set_index("source").loc["malignant/malignant_000.png"]
+    assert row["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert second.fingerprint != first.fingerprint
+    assert run(image_folder, tmp_path / "out", skip_invalid=True) == second
+
+
+def test_a_second_prepare_into_the_same_output_fails_at_once(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output, errors = tmp_path / "out", []
+    convert = prepare_module._Converter.__call__
+
+    def and_another_prepare(self: prepare_module._Converter, job: prepare_module.Job) -> prepare_module.Converted:
+        if not errors:  # while the first prepare is writing
+            with pytest.raises(UserError) as raised:
+                run(image_folder, output)
+            errors.append(raised.value.message)
+        return convert(self, job)
+
+    monkeypatch.setattr(prepare_module._Converter, "__call__", and_another_prepare)
+    info = run(image_folder, output)
+    assert errors == [f"{output}: another prepare is writing OUTPUT; wait for it or choose another OUTPUT"]
+    assert read_info(output) == info and len(read_manifest(output)) == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "out"]  # lock file removed
+
+
 def add_bad_images(folder: Path, count: int) -> None:
     buffer = io.BytesIO()
     class_image(0, 0, (64, 64)).save(buffer, format="PNG")
@@ -298,7 +346,7 @@ def test_truncated_image_found_while_decoding_fails_and_leaves_nothing(image_fol
     buffer = io.BytesIO()
     class_image(0, 0, (64, 64)).save(buffer, format="PNG")
     (image_folder / "benign" / "cut.png").write_bytes(buffer.getvalue()[:-200])
-    code, output = cli("prepare", image_folder, tmp_path / "out", "--size", 16, "--workers", 1)
+    code, output = cli("prepare", image_folder, tmp_path / "new" / "folders" / "out", "--size", 16, "--workers", 2)
     assert code == 1 and "1 invalid image: benign/cut.png: corrupt or truncated image" in output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]
 

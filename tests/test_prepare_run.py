@@ -51,11 +51,27 @@ def test_a_killed_prepare_leaves_no_dataset_and_a_rerun_completes(
 
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
-    assert not staging.exists()
+    assert not staging.exists() and not (tmp_path / ".out.lock").exists()  # the killed run's lock is no obstacle
     assert len(read_manifest(output)) == 50 and len(list(output.rglob("*.png"))) == 50
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     prepare(source, tmp_path / "clean", PrepareConfig(size=64, workers=1))
     assert (output / "manifest.csv").read_bytes() == (tmp_path / "clean" / "manifest.csv").read_bytes()
+
+
+def test_a_prepare_into_an_output_another_process_is_writing_fails_at_once(image_folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    command = [CLASSIFIER, "prepare", image_folder, output, "--size", "16", "--workers", "2"]
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    with prepare_module._exclusive(output):  # as a running prepare holds it
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert completed.stderr.splitlines()[-1] == (
+        f"Error: {output}: another prepare is writing OUTPUT; wait for it or choose another OUTPUT"
+    )
+    assert not output.exists() and not (tmp_path / ".out.partial").exists()
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert len(read_manifest(output)) == 40 and not (tmp_path / ".out.lock").exists()
 
 
 def test_a_failure_while_writing_removes_the_partial_dataset(

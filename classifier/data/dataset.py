@@ -1,4 +1,8 @@
-"""Prepared splits decoded once into a uint8 array (in memory, or memory-mapped when large) and served as batches."""
+"""Prepared splits decoded once into a uint8 array (in memory, or memory-mapped when large) and served as batches.
+
+A batch is `(images, labels)`, or `((images, metadata), labels)` when the model also takes encoded metadata; labels
+are class indices (single-label) or an N x C multi-hot float matrix (multi-label).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,12 +31,17 @@ MEMORY_SHARE = 0.25  # decode into RAM when the split takes at most this share o
 
 @dataclass
 class SplitArrays:
-    """One split: images N x C x H x W (uint8 for 8-bit data, float32 in [0, 1] for 16-bit) and class indices."""
+    """One split: images N x C x H x W (uint8 for 8-bit data, float32 in [0, 1] for 16-bit), labels (class indices
+    or multi-hot rows), folds, and the manifest rows (paths, metadata columns)."""
 
     images: np.ndarray
     labels: np.ndarray
     folds: np.ndarray
-    paths: list[str]
+    rows: pd.DataFrame
+
+    @property
+    def paths(self) -> list[str]:
+        return self.rows["path"].tolist()
 
 
 def load_split(root: Path, split: str, cache: str = "auto") -> SplitArrays:
@@ -46,11 +56,7 @@ def _load_split(root: Path, fingerprint: str, split: str, cache: str) -> SplitAr
     info = read_info(root)
     rows = read_manifest(root)
     rows = rows[rows["split"] == split]
-    index = {name: position for position, name in enumerate(info.classes)}
-    unknown = sorted(set(rows["label"]) - set(index))
-    if unknown:
-        raise UserError(f"{root}/manifest.csv: labels {unknown} are not in dataset.json classes; prepare again")
-    labels = rows["label"].map(index).to_numpy(np.int64)
+    labels = label_array(rows["label"].tolist(), info, f"{root}/manifest.csv")
     paths = rows["path"].tolist()
     dtype = np.float32 if info.bit_depth == 16 else np.uint8
     shape = (len(paths), info.channels, info.size, info.size)
@@ -62,7 +68,30 @@ def _load_split(root: Path, fingerprint: str, split: str, cache: str) -> SplitAr
         _decode_into(images, root, paths, info)
     else:
         images = _memory_mapped(root, info, paths, shape, dtype)
-    return SplitArrays(images, labels, rows["fold"].to_numpy(np.int64), paths)
+    return SplitArrays(images, labels, rows["fold"].to_numpy(np.int64), rows.reset_index(drop=True))
+
+
+def label_array(labels: list[str], info: DatasetInfo, where: str) -> np.ndarray:
+    """Class indices, or for multi-label data (space-separated class lists) an N x C multi-hot float32 matrix."""
+    index = {name: position for position, name in enumerate(info.classes)}
+    multi_label = info.task == "multi_label"
+    named = [label.split() if multi_label else [label] for label in labels]
+    unknown = sorted({name for names in named for name in names} - set(index))
+    if unknown:
+        raise UserError(f"{where}: labels {unknown} are not in dataset.json classes; prepare again")
+    if not multi_label:
+        return np.array([index[names[0]] for names in named], dtype=np.int64)
+    onehot = np.zeros((len(named), len(info.classes)), dtype=np.float32)
+    for row, names in enumerate(named):
+        onehot[row, [index[name] for name in names]] = 1.0
+    return onehot
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class: a bincount of class indices, or the column sums of multi-hot rows."""
+    if labels.ndim == 2:
+        return labels.sum(axis=0).astype(np.int64)
+    return np.bincount(labels, minlength=num_classes)
 
 
 def fit_indices(info: DatasetInfo, training: SplitArrays, fold: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -115,12 +144,22 @@ def _decode_into(images: np.ndarray, root: Path, paths: list[str], info: Dataset
 
 
 class CachedImages(Dataset):
-    """Rows `indices` of a split array; `__getitems__` returns whole (images, labels) batches, augmented per image."""
+    """Rows `indices` of a split array; `__getitems__` returns whole batches (see the module doc), augmented per image.
 
-    def __init__(self, arrays: SplitArrays, indices: np.ndarray | None = None, transform=None) -> None:
+    `metadata` is the split's encoded metadata (one row per image of the split), or None for image-only models.
+    """
+
+    def __init__(
+        self,
+        arrays: SplitArrays,
+        indices: np.ndarray | None = None,
+        transform=None,
+        metadata: np.ndarray | None = None,
+    ) -> None:
         self.arrays = arrays
         self.indices = np.arange(len(arrays.labels)) if indices is None else np.asarray(indices)
         self.transform = transform
+        self.metadata = None if metadata is None else torch.from_numpy(metadata)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -129,18 +168,23 @@ class CachedImages(Dataset):
     def labels(self) -> np.ndarray:
         return self.arrays.labels[self.indices]
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        images, labels = self.__getitems__([position])
-        return images[0], int(labels[0])
+    def __getitem__(self, position: int) -> tuple[Any, torch.Tensor]:
+        inputs, labels = self.__getitems__([position])
+        if isinstance(inputs, tuple):
+            return (inputs[0][0], inputs[1][0]), labels[0]
+        return inputs[0], labels[0]
 
-    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, positions: list[int]) -> tuple[Any, torch.Tensor]:
         rows = self.indices[np.asarray(positions)]
         images = torch.from_numpy(np.ascontiguousarray(self.arrays.images[rows]))
         if self.transform is not None:
             images = torch.stack([self.transform(image) for image in images])
-        return images, torch.from_numpy(self.arrays.labels[rows])
+        labels = torch.from_numpy(self.arrays.labels[rows])
+        if self.metadata is None:
+            return images, labels
+        return (images, self.metadata[torch.from_numpy(rows)]), labels
 
 
-def batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def batched(batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
     """`collate_fn` for `CachedImages`, whose `__getitems__` already returns a batch."""
     return batch

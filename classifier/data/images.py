@@ -136,3 +136,24 @@ def resize(image: Image.Image, size: int, mode: str) -> Image.Image:
         ((size - inner[0]) // 2, (size - inner[1]) // 2),
     )
     return canvas
+
+
+def open_channels(sources: list[Path | bytes], size: int | None = None, names: list[str] | None = None) -> Image.Image:
+    """One image from per-channel grey files (e.g. red, green, blue, yellow): RGB for three, RGBA for four.
+
+    `names` name the files in errors; 16-bit channels are scaled to 8 bits; every channel must have the first's size.
+    """
+    names = names or [str(source) if isinstance(source, Path) else f"channel {i}" for i, source in enumerate(sources)]
+    if len(sources) not in (3, 4):
+        raise UserError(f"{names[0]}: {len(sources)} channel files; stack 3 (RGB) or 4 (e.g. RGBY) of them")
+    channels = [
+        normalise_mode(open_image(source, size=size, name=name), 1, 8)
+        for source, name in zip(sources, names, strict=True)
+    ]
+    for name, channel in zip(names[1:], channels[1:], strict=True):
+        if channel.size != channels[0].size:
+            raise UserError(
+                f"{name}: {channel.size[0]}x{channel.size[1]} px, but {names[0]} is "
+                f"{channels[0].size[0]}x{channels[0].size[1]}; every channel file of an image must have one size"
+            )
+    return Image.merge(STORED_MODE[len(sources)], channels)

@@ -1,4 +1,8 @@
-"""Read an image source (class folders, pre-split folders, a CSV of paths and labels, a MedMNIST .npz) into records."""
+"""Read an image source (class folders, pre-split folders, a CSV of paths and labels, a MedMNIST .npz) into records.
+
+A CSV may hold multi-label rows (space-separated class lists) and name each image by a stem whose channels are
+separate files (`<stem>_red.png`, `<stem>_green.png`, ...), as the Human Protein Atlas does.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ MAX_LISTED = 5
 
 @dataclass
 class Record:
-    """One labelled image of the source: a file (`path`) or an array (`pixels`), named by `source` in the manifest."""
+    """One labelled image of the source: a file (`path`), one file per channel (`channel_paths`) or an array
+    (`pixels`), named by `source` in the manifest. Multi-label records hold their sorted classes space-separated."""
 
     source: str
     label: str
@@ -28,6 +33,11 @@ class Record:
     group: str = ""
     split: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    channel_paths: list[Path] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.label.split()
 
 
 @dataclass
@@ -44,19 +54,28 @@ def read_source(
     label_column: str = "label",
     group_column: str | None = None,
     class_names: list[str] | None = None,
+    multi_label: bool = False,
+    channel_files: list[str] | None = None,
 ) -> Source:
     """Records of a folder of class folders, a folder of `training|validation|test/<class>/`, a CSV or an .npz.
 
     CSV: one row per image with `path_column` (relative to the CSV's folder) and `label_column`, optionally
-    `group_column` and a `split` column; every other column is metadata kept in the manifest. .npz: MedMNIST
-    arrays `{train,val,test}_{images,labels}` (train required), labels named by `class_names` when given.
+    `group_column` and a `split` column; every other column is metadata kept in the manifest. With `multi_label` a
+    label cell lists classes separated by spaces; with `channel_files` (e.g. red, green, blue, yellow) a path cell
+    is a stem and its channels are the files `<stem>_<name>.<ext>`. `class_names`, when given, are the only classes
+    allowed (a CSV label may also be an index into them). .npz: MedMNIST arrays `{train,val,test}_{images,labels}`
+    (train required), labels named by `class_names` when given.
     """
     source = Path(source)
+    is_csv = source.suffix.lower() == ".csv" and source.is_file()
+    if (multi_label or channel_files) and not is_csv:
+        option = "--multi-label" if multi_label else "--channel-files"
+        raise UserError(f"{source}: {option} needs a CSV source (one row per image); pass a .csv")
     if source.is_dir():
         read = _read_split_folders if _split_folders(source) else _read_class_folders
         records = read(source)
-    elif source.suffix.lower() == ".csv" and source.is_file():
-        return _read_csv(source, path_column, label_column, group_column)
+    elif is_csv:
+        return _read_csv(source, path_column, label_column, group_column, class_names, multi_label, channel_files)
     elif source.suffix.lower() == ".npz" and source.is_file():
         records = _read_npz(source, class_names)
     elif not source.exists():
@@ -109,7 +128,15 @@ def _read_split_folders(root: Path) -> list[Record]:
     return records
 
 
-def _read_csv(path: Path, path_column: str, label_column: str, group_column: str | None) -> Source:
+def _read_csv(
+    path: Path,
+    path_column: str,
+    label_column: str,
+    group_column: str | None,
+    class_names: list[str] | None = None,
+    multi_label: bool = False,
+    channel_files: list[str] | None = None,
+) -> Source:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -123,14 +150,27 @@ def _read_csv(path: Path, path_column: str, label_column: str, group_column: str
         )
     split_column = "split" if "split" in table.columns else None
     metadata_columns = [c for c in table.columns if c not in {path_column, label_column, group_column, split_column}]
-    records, missing, unlabelled, bad_splits = [], [], [], []
+    records, missing, unlabelled, bad_splits, unknown = [], [], [], [], []
     for row_number, row in enumerate(table.to_dict("records"), start=2):
-        image = _resolve(path.parent, row[path_column])
+        channels = None
+        if channel_files:
+            channels, absent = _resolve_channels(path.parent, row[path_column], channel_files)
+            if absent:
+                missing.append(f"row {row_number}: {row[path_column] or '(empty path)'}_{{{','.join(absent)}}}")
+                continue
+            image = channels[0]
+        else:
+            image = _resolve(path.parent, row[path_column])
         if image is None:
             missing.append(f"row {row_number}: {row[path_column] or '(empty path)'}")
             continue
         if not row[label_column].strip():
             unlabelled.append(f"row {row_number}")
+            continue
+        names = row[label_column].split() if multi_label else [row[label_column].strip()]
+        named = [_named_class(name, class_names) for name in names]
+        if None in named:
+            unknown.append(f"row {row_number}: '{row[label_column]}'")
             continue
         split = SPLIT_ALIASES.get(row[split_column].strip().lower()) if split_column else None
         if split_column and split is None:
@@ -138,16 +178,21 @@ def _read_csv(path: Path, path_column: str, label_column: str, group_column: str
         records.append(
             Record(
                 row[path_column],
-                row[label_column].strip(),
+                " ".join(sorted(set(named))),
                 path=image,
                 group=row[group_column] if group_column else "",
                 split=split,
                 metadata={column: row[column] for column in metadata_columns},
+                channel_paths=channels,
             )
         )
     if missing:
+        what = "missing channel files" if channel_files else "missing image files"
+        raise UserError(f"{path}: {_listing(missing)} point at {what}; fix the paths (relative to the CSV)")
+    if unknown:
         raise UserError(
-            f"{path}: {_listing(missing)} point at missing image files; fix the paths (relative to the CSV)"
+            f"{path}: {_listing(unknown)} name classes not in --class-names ({', '.join(class_names or [])}); "
+            "fix the labels or the class names"
         )
     if unlabelled:
         raise UserError(f"{path}: {_listing(unlabelled)} have an empty '{label_column}'; label or remove them")
@@ -155,8 +200,29 @@ def _read_csv(path: Path, path_column: str, label_column: str, group_column: str
         raise UserError(f"{path}: {_listing(bad_splits)} have an unknown split; use training, validation or test")
     if not records:
         raise UserError(f"{path}: no rows; list one image per row with columns {path_column},{label_column}")
-    _check_classes(path, records)
+    _check_classes(path, records, multi_label)
     return Source(records, metadata_columns)
+
+
+def _named_class(name: str, class_names: list[str] | None) -> str | None:
+    """`name` itself without `class_names`; else `name` if it is one, the class it indexes if a number, or None."""
+    if class_names is None or name in class_names:
+        return name
+    if name.isdigit() and int(name) < len(class_names):
+        return class_names[int(name)]
+    return None
+
+
+def _resolve_channels(folder: Path, stem: str, names: list[str]) -> tuple[list[Path], list[str]]:
+    """The files `<stem>_<name>.<image suffix>` for each channel name, and the names with no such file."""
+    found, absent = [], []
+    for name in names:
+        file = _resolve(folder, f"{stem.strip()}_{name}") if stem.strip() else None
+        if file is None:
+            absent.append(name)
+        else:
+            found.append(file)
+    return found, absent
 
 
 def _resolve(folder: Path, value: str) -> Path | None:
@@ -207,8 +273,8 @@ def _class_name(path: Path, label: int, class_names: list[str] | None) -> str:
     return class_names[label]
 
 
-def _check_classes(source: Path, records: list[Record]) -> None:
-    classes = sorted({record.label for record in records})
+def _check_classes(source: Path, records: list[Record], multi_label: bool = False) -> None:
+    classes = sorted({name for record in records for name in (record.classes if multi_label else [record.label])})
     if len(classes) < 2:
         raise UserError(f"{source}: only one class ({classes[0]}); a classifier needs at least two")
     given = {record.split for record in records} - {None}

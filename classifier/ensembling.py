@@ -1,0 +1,182 @@
+"""build_ensemble(config, data): average the probabilities of a study's top trials (or given runs) into one model,
+score it beside its members on a split in one MLflow run, and log (and optionally register) it as a pyfunc model."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from classifier import tracking
+from classifier.config import EnsembleConfig
+from classifier.data.dataset import SplitArrays, load_split
+from classifier.data.layout import DatasetInfo, read_info
+from classifier.ensemble import combine
+from classifier.errors import UserError
+from classifier.evaluate import check_fits, load_checkpoint, predict_split, read_split
+from classifier.metrics import classification_metrics
+from classifier.plots import write_report
+from classifier.pyfunc import log_classifier_model
+from classifier.search_storage import default_storage, open_storage
+from classifier.threshold import choose_threshold
+from classifier.train import metric_name, resolve_device
+
+COMPARISON_FILE = "comparison.csv"
+
+
+@dataclass
+class EnsembleResult:
+    """The ensemble's run and model, its decision threshold, and the split's scores of it and each member."""
+
+    run_id: str
+    model_uri: str
+    threshold: float | None
+    table: pd.DataFrame  # one row per model, the ensemble first: model, source, architecture, metrics
+    registered_version: str | None
+
+
+def build_ensemble(config: EnsembleConfig, data: Path) -> EnsembleResult:
+    """Build, score and log the ensemble of `config.runs` or of the top `config.top_k` trials of `config.study`."""
+    data = Path(data)
+    info = read_info(data)
+    tracking.connect()
+    sources, described = study_members(config) if config.study else (list(config.runs or []), {})
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = [load_checkpoint(source, Path(scratch) / str(index)) for index, source in enumerate(sources)]
+    ensemble = combine(checkpoints, sources, described)
+    for source, checkpoint in zip(sources, checkpoints, strict=True):
+        check_fits(checkpoint, source, data, info)
+    device = resolve_device(config.device)
+    arrays = read_split(data, config.split)
+    labels, members = arrays.labels, member_probabilities(checkpoints, arrays, config.batch_size, device)
+    probabilities = np.mean(members, axis=0)  # what the Ensemble network's softmax gives, without a second pass
+    target_recall = config.target_recall if config.target_recall is not None else shared_target_recall(checkpoints)
+    ensemble["threshold"] = validation_threshold(checkpoints, data, info, config.batch_size, device, target_recall)
+    table = comparison(info, labels, probabilities, members, sources, checkpoints)
+    if "trials" in described:
+        table.insert(2, "trial", ["", *map(str, described["trials"])])
+    tags = {"classifier.command": "ensemble", "classifier.data": str(data.resolve())}
+    run_name = f"ensemble-{config.study or len(sources)}"
+    with tracking.start_run(config.experiment, run_name, tags), tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        # Names apart from the entry point's parameters, which `mlflow run` logs to this run first.
+        params = {"ensemble_data": str(data), "ensemble_split": config.split, "ensemble_size": len(sources)}
+        params.update({f"member{index}": source for index, source in enumerate(sources)})
+        tracking.log_params({**params, **({"ensemble_study": config.study} if config.study else {})})
+        tracking.log_metrics(table_metrics(table, ensemble["threshold"]))
+        write_report(folder / "evaluation", labels, probabilities, info.classes)
+        table.to_csv(folder / "evaluation" / COMPARISON_FILE, index=False)
+        tracking.log_artifacts(folder)
+        torch.save(ensemble, folder / "ensemble.pt")
+        logged = log_classifier_model(
+            folder / "ensemble.pt",
+            name="model",
+            registered_model_name=config.register_as,
+            metadata={"members": sources},
+        )
+        run_id = tracking.active_run_id()
+    version = str(logged.registered_model_version) if config.register_as else None
+    return EnsembleResult(run_id, logged.model_uri, ensemble["threshold"], table, version)
+
+
+def study_members(config: EnsembleConfig) -> tuple[list[str], dict[str, Any]]:
+    """The training runs of the study's best `top_k` completed trials (best first), and what to store about them."""
+    if config.storage is None or "://" not in config.storage:
+        journal = Path(config.storage or default_storage())
+        if not journal.is_file():
+            raise UserError(f"--storage {journal}: no Optuna journal there; pass the --storage the search used")
+    storage = open_storage(config.storage)
+    try:
+        study = optuna.load_study(study_name=config.study, storage=storage)
+    except KeyError:
+        known = ", ".join(optuna.get_all_study_names(storage)) or "none"
+        raise UserError(f"--study {config.study}: no such study in that storage (studies: {known})") from None
+    trials = [
+        trial
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "mlflow_run_id" in trial.user_attrs
+    ]
+    trials.sort(key=lambda trial: trial.value, reverse=study.direction == StudyDirection.MAXIMIZE)
+    chosen = trials[: config.top_k]
+    if len(chosen) < 2:
+        raise UserError(
+            f"--study {config.study}: {len(chosen)} completed trial(s); an ensemble needs at least 2, run more trials"
+        )
+    if len(chosen) < config.top_k:
+        print(
+            f"ensemble: study {config.study} has {len(chosen)} completed trials, fewer than --top-k {config.top_k}; "
+            "using them all",
+            file=sys.stderr,
+        )
+    described = {"study": config.study, "trials": [trial.number for trial in chosen]}
+    return [trial.user_attrs["mlflow_run_id"] for trial in chosen], described
+
+
+def member_probabilities(
+    checkpoints: list[dict[str, Any]], arrays: SplitArrays, batch_size: int, device: torch.device
+) -> list[np.ndarray]:
+    """Each member's softmax probabilities for the images of a split."""
+    return [predict_split(checkpoint, arrays, batch_size, device)[1] for checkpoint in checkpoints]
+
+
+def shared_target_recall(checkpoints: list[dict[str, Any]]) -> float | None:
+    """The `target_recall` the members were trained with when they all agree, else None (maximum F1)."""
+    values = {checkpoint.get("config", {}).get("target_recall") for checkpoint in checkpoints}
+    return values.pop() if len(values) == 1 else None
+
+
+def validation_threshold(
+    checkpoints: list[dict[str, Any]],
+    data: Path,
+    info: DatasetInfo,
+    batch_size: int,
+    device: torch.device,
+    target_recall: float | None,
+) -> float | None:
+    """Binary tasks: the threshold chosen on the validation split from the averaged probabilities, as `fit` does;
+    None (argmax) for more classes, or without both classes in validation (e.g. data prepared with --folds)."""
+    if len(info.classes) != 2:
+        return None
+    validation = load_split(data, "validation")
+    if np.unique(validation.labels).size != 2:
+        print(f"ensemble: {data} has no validation images of both classes; no decision threshold", file=sys.stderr)
+        return None
+    probabilities = np.mean(member_probabilities(checkpoints, validation, batch_size, device), axis=0)
+    return choose_threshold(validation.labels == 1, probabilities[:, 1], target_recall)
+
+
+def comparison(
+    info: DatasetInfo,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    members: list[np.ndarray],
+    sources: list[str],
+    checkpoints: list[dict[str, Any]],
+) -> pd.DataFrame:
+    """One row per model (ensemble, member0, member1, ...) with its source, architecture and split metrics."""
+    rows = [{"model": "ensemble", "source": f"mean of {len(members)}", "architecture": "ensemble"}]
+    rows[0].update(classification_metrics(labels, probabilities, info.classes))
+    for index, (source, checkpoint, member) in enumerate(zip(sources, checkpoints, members, strict=True)):
+        row = {"model": f"member{index}", "source": source, "architecture": checkpoint["architecture"]}
+        rows.append({**row, **classification_metrics(labels, member, info.classes)})
+    return pd.DataFrame(rows)
+
+
+def table_metrics(table: pd.DataFrame, threshold: float | None) -> dict[str, float]:
+    """`ensemble_<metric>` and `member<i>_<metric>` for every metric in the comparison table."""
+    names = list(table.select_dtypes("number").columns)
+    logged = {
+        metric_name(f"{row['model']}_{name}"): float(row[name]) for row in table.to_dict("records") for name in names
+    }
+    if threshold is not None:
+        logged["decision_threshold"] = threshold
+    return logged
