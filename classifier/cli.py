@@ -28,6 +28,15 @@ def blank_is_unset(inner: click.ParamType | type) -> BlankIsUnset:
     return BlankIsUnset(inner)
 
 
+def _choice(*names: str) -> BlankIsUnset:
+    return blank_is_unset(ExactChoice(names))
+
+
+def _flag(name: str, help: str) -> Any:
+    """A boolean option usable as `--name` alone or `--name true|false` (how MLproject passes it)."""
+    return click.option(name, type=blank_is_unset(click.BOOL), is_flag=False, flag_value="true", help=help)
+
+
 config_option = click.option(
     "--config",
     "config_path",
@@ -138,12 +147,8 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
     type=blank_is_unset(click.STRING),
     help=".npz: names of labels 0,1,...; CSV: the only classes allowed (a label may be an index into them).",
 )
-@click.option(
-    "--multi-label",
-    type=blank_is_unset(click.BOOL),
-    is_flag=False,
-    flag_value="true",
-    help="CSV source: each label cell lists classes separated by spaces (sigmoid, multi-label training).",
+@_flag(
+    "--multi-label", "CSV source: each label cell lists classes separated by spaces (sigmoid, multi-label training)."
 )
 @click.option(
     "--channel-files",
@@ -151,20 +156,8 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
     help="CSV source: stack the files <path>_<name>.<ext> of these 3 or 4 channels, e.g. red,green,blue,yellow.",
 )
 @click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Worker processes. [all cores]")
-@click.option(
-    "--skip-invalid",
-    type=blank_is_unset(click.BOOL),
-    is_flag=False,
-    flag_value="true",
-    help="Skip unreadable images (recorded in dataset.json) instead of failing.",
-)
-@click.option(
-    "--overwrite",
-    type=blank_is_unset(click.BOOL),
-    is_flag=False,
-    flag_value="true",
-    help="Replace an OUTPUT prepared from other inputs or settings.",
-)
+@_flag("--skip-invalid", "Skip unreadable images (recorded in dataset.json) instead of failing.")
+@_flag("--overwrite", "Replace an OUTPUT prepared from other inputs or settings.")
 @click.option("--experiment", type=blank_is_unset(click.STRING), help="MLflow experiment (when tracking). [classifier]")
 def prepare_command(source: Path, output: Path, config_path: Path | None, **options: Any) -> None:
     """Turn SOURCE (class folders, training/validation/test folders, a CSV or a MedMNIST .npz) into OUTPUT."""
@@ -241,15 +234,6 @@ def serve_command(model: str, **options: Any) -> None:
     from classifier.serve import serve
 
     serve(model, **options)
-
-
-def _choice(*names: str) -> BlankIsUnset:
-    return blank_is_unset(ExactChoice(names))
-
-
-def _flag(name: str, help: str) -> Any:
-    """A boolean option usable as `--name` alone or `--name true|false` (how MLproject passes it)."""
-    return click.option(name, type=blank_is_unset(click.BOOL), is_flag=False, flag_value="true", help=help)
 
 
 train_options = [
@@ -458,7 +442,10 @@ def ensemble_command(data: Path, config_path: Path | None, **options: Any) -> No
     config = build_config(EnsembleConfig, load_section(config_path, "ensemble"), options, origin="ensemble")
     result = build_ensemble(config, data)
     click.echo(result.table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    threshold = "argmax" if result.threshold is None else f"{result.threshold:.4f}"
+    if isinstance(result.threshold, list):
+        threshold = ", ".join(f"{value:.4f}" for value in result.threshold) + " (per class)"
+    else:
+        threshold = "argmax" if result.threshold is None else f"{result.threshold:.4f}"
     click.echo(f"run {result.run_id}: decision threshold {threshold}; model {result.model_uri}")
     if result.registered_version:
         click.echo(f"registered as models:/{config.register_as}/{result.registered_version}")

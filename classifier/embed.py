@@ -19,9 +19,8 @@ from tqdm import tqdm
 
 from classifier import tracking
 from classifier.config import EmbedConfig
-from classifier.data.layout import read_info
 from classifier.errors import UserError
-from classifier.evaluate import check_fits, checkpoint_loader, load_checkpoint, read_split
+from classifier.evaluate import checkpoint_and_split, checkpoint_loader
 from classifier.models import MetadataFusion, SimpleCNN
 from classifier.plots import tsne_png
 from classifier.train import amp_dtype, resolve_device
@@ -45,12 +44,7 @@ def embed(config: EmbedConfig, model: str, data: Path) -> EmbeddingResult:
     """Embed every image of `config.split` of `data` with `model` (checkpoint file, run id or model URI), map a
     stratified sample of at most `config.max_images` to 2-D with t-SNE, and log both and the plot in one run."""
     data = Path(data)
-    info = read_info(data)
-    tracking.connect()
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = load_checkpoint(model, Path(scratch))
-    check_fits(checkpoint, model, data, info)
-    arrays = read_split(data, config.split)
+    info, checkpoint, arrays = checkpoint_and_split(model, data, config.split)
     if len(arrays.labels) < 2:
         raise UserError(f"{data}: the {config.split} split has one image; t-SNE needs 2 or more, pick another split")
     device = resolve_device(config.device)
@@ -71,7 +65,6 @@ def embed(config: EmbedConfig, model: str, data: Path) -> EmbeddingResult:
         metrics["embedding_silhouette"] = float(silhouette_score(embeddings[rows], labels[rows]))
     tags = {"classifier.command": "embed", "classifier.embedded_model": model, "classifier.data": str(data.resolve())}
     with tracking.start_run(config.experiment, f"embed-{config.split}", tags):
-        # Names unlike the MLproject parameters, which `mlflow run` logs with "" for options left unset.
         tracking.log_params(
             {
                 "embedded_model": model,

@@ -1,9 +1,11 @@
-"""An ensemble network: the mean of its members' softmax probabilities, stored as one ordinary checkpoint.
+"""An ensemble network: the mean of its members' probabilities, stored as one ordinary checkpoint.
 
 The ensemble checkpoint has the keys of a training checkpoint, so the logged model, `predict`, `serve` and `evaluate`
 read it unchanged: architecture "ensemble", the members' architectures in `config["members"]` and all their weights
 in `state_dict` (`members.<i>.<name>`). The network's output is log(mean of the members' softmax), so its softmax is
-exactly the averaged probabilities. This module is imported by the served model: torch only, no tracking.
+exactly the averaged probabilities; for multi-label members it is logit(mean of their sigmoids), so its sigmoid is.
+Members taking metadata get it too (they must share its encoding). This module is imported by the served model:
+torch only, no tracking.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from classifier.data.metadata import encoding_width, from_plain
 from classifier.errors import UserError
 from classifier.models import create_model
 
@@ -21,13 +24,18 @@ ENSEMBLE = "ensemble"
 
 
 class Ensemble(nn.Module):
-    """Members sharing classes and inputs; forward gives log(mean softmax), i.e. log-probabilities of the average."""
+    """Members sharing classes and inputs; forward gives log(mean softmax), i.e. log-probabilities of the average,
+    or (`multi_label`) the logits of the mean sigmoid probabilities."""
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], multi_label: bool = False) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.multi_label = multi_label
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            mean = torch.stack([member(*inputs).float().sigmoid() for member in self.members]).mean(dim=0)
+            return torch.logit(mean, eps=1e-7)
         log_probabilities = torch.stack([member(*inputs).float().log_softmax(dim=1) for member in self.members])
         return torch.logsumexp(log_probabilities, dim=0) - math.log(len(self.members))
 
@@ -36,22 +44,30 @@ def ensemble_from_checkpoint(checkpoint: dict[str, Any]) -> Ensemble:
     """Rebuild the ensemble an ensemble checkpoint describes, in eval mode."""
     num_classes, in_chans = int(checkpoint["num_classes"]), int(checkpoint["in_chans"])
     described = checkpoint["config"]["members"]
-    ensemble = Ensemble([create_model(member["architecture"], num_classes, in_chans) for member in described])
+    width = encoding_width(from_plain(checkpoint.get("metadata")))
+    members = [
+        create_model(member["architecture"], num_classes, in_chans, metadata_width=width) for member in described
+    ]
+    ensemble = Ensemble(members, multi_label=checkpoint.get("task") == "multi_label")
     ensemble.load_state_dict(checkpoint["state_dict"])
     return ensemble.eval()
 
 
 def compatibility(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """What members must share for their probabilities to be averaged: classes and every preprocessing setting."""
-    return {"classes": list(checkpoint["classes"]), **checkpoint["preprocessing"]}
+    """What members must share for their probabilities to be averaged: classes, task, metadata encoding and every
+    preprocessing setting."""
+    return {
+        "classes": list(checkpoint["classes"]),
+        "task": checkpoint.get("task", "single_label"),
+        "metadata": checkpoint.get("metadata") or [],
+        **checkpoint["preprocessing"],
+    }
 
 
 def check_supported(checkpoint: dict[str, Any], source: str) -> None:
-    """Refuse members this ensemble cannot average yet: ensembles, multi-label (sigmoid) and metadata networks."""
+    """Refuse members this ensemble cannot average: ensembles themselves."""
     if checkpoint["architecture"] == ENSEMBLE:
         raise UserError(f"ensemble: {source} is itself an ensemble; pass the runs of its members instead")
-    if checkpoint.get("task") == "multi_label" or checkpoint.get("metadata"):
-        raise UserError(f"ensemble: {source} is a multi-label or metadata model; ensemble single-label image models")
 
 
 def combine(checkpoints: list[dict[str, Any]], sources: list[str], config: dict[str, Any]) -> dict[str, Any]:
@@ -86,5 +102,7 @@ def combine(checkpoints: list[dict[str, Any]], sources: list[str], config: dict[
         "classes": list(checkpoints[0]["classes"]),
         "preprocessing": dict(checkpoints[0]["preprocessing"]),
         "threshold": None,
+        "task": checkpoints[0].get("task", "single_label"),
+        "metadata": checkpoints[0].get("metadata") or [],
         "config": {**config, "members": members},
     }

@@ -22,12 +22,12 @@ from classifier.data.dataset import SplitArrays, load_split
 from classifier.data.layout import DatasetInfo, read_info
 from classifier.ensemble import combine
 from classifier.errors import UserError
-from classifier.evaluate import check_fits, load_checkpoint, predict_split, read_split
+from classifier.evaluate import check_fits, load_checkpoint, multilabel_thresholds, predict_split, read_split
 from classifier.metrics import classification_metrics
 from classifier.plots import write_report
 from classifier.pyfunc import log_classifier_model
 from classifier.search_storage import default_storage, open_storage
-from classifier.threshold import choose_threshold
+from classifier.threshold import choose_threshold, choose_thresholds
 from classifier.train import metric_name, resolve_device
 
 COMPARISON_FILE = "comparison.csv"
@@ -39,7 +39,7 @@ class EnsembleResult:
 
     run_id: str
     model_uri: str
-    threshold: float | None
+    threshold: float | list[float] | None
     table: pd.DataFrame  # one row per model, the ensemble first: model, source, architecture, metrics
     registered_version: str | None
 
@@ -61,19 +61,18 @@ def build_ensemble(config: EnsembleConfig, data: Path) -> EnsembleResult:
     probabilities = np.mean(members, axis=0)  # what the Ensemble network's softmax gives, without a second pass
     target_recall = config.target_recall if config.target_recall is not None else shared_target_recall(checkpoints)
     ensemble["threshold"] = validation_threshold(checkpoints, data, info, config.batch_size, device, target_recall)
-    table = comparison(info, labels, probabilities, members, sources, checkpoints)
+    table = comparison(info, labels, probabilities, members, sources, checkpoints, ensemble["threshold"])
     if "trials" in described:
         table.insert(2, "trial", ["", *map(str, described["trials"])])
     tags = {"classifier.command": "ensemble", "classifier.data": str(data.resolve())}
     run_name = f"ensemble-{config.study or len(sources)}"
     with tracking.start_run(config.experiment, run_name, tags), tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        # Names apart from the entry point's parameters, which `mlflow run` logs to this run first.
         params = {"ensemble_data": str(data), "ensemble_split": config.split, "ensemble_size": len(sources)}
         params.update({f"member{index}": source for index, source in enumerate(sources)})
         tracking.log_params({**params, **({"ensemble_study": config.study} if config.study else {})})
         tracking.log_metrics(table_metrics(table, ensemble["threshold"]))
-        write_report(folder / "evaluation", labels, probabilities, info.classes)
+        write_report(folder / "evaluation", labels, probabilities, info.classes, multilabel_thresholds(ensemble))
         table.to_csv(folder / "evaluation" / COMPARISON_FILE, index=False)
         tracking.log_artifacts(folder)
         torch.save(ensemble, folder / "ensemble.pt")
@@ -124,7 +123,7 @@ def study_members(config: EnsembleConfig) -> tuple[list[str], dict[str, Any]]:
 def member_probabilities(
     checkpoints: list[dict[str, Any]], arrays: SplitArrays, batch_size: int, device: torch.device
 ) -> list[np.ndarray]:
-    """Each member's softmax probabilities for the images of a split."""
+    """Each member's probabilities (softmax, or sigmoid for multi-label members) for the images of a split."""
     return [predict_split(checkpoint, arrays, batch_size, device)[1] for checkpoint in checkpoints]
 
 
@@ -141,9 +140,17 @@ def validation_threshold(
     batch_size: int,
     device: torch.device,
     target_recall: float | None,
-) -> float | None:
+) -> float | list[float] | None:
     """Binary tasks: the threshold chosen on the validation split from the averaged probabilities, as `fit` does;
-    None (argmax) for more classes, or without both classes in validation (e.g. data prepared with --folds)."""
+    multi-label tasks: one per class; None (argmax) for more classes, or without both classes in validation (e.g.
+    data prepared with --folds)."""
+    if info.task == "multi_label":
+        validation = load_split(data, "validation")
+        if len(validation.labels) == 0:
+            print(f"ensemble: {data} has no validation images; thresholds stay at 0.5", file=sys.stderr)
+            return None
+        probabilities = np.mean(member_probabilities(checkpoints, validation, batch_size, device), axis=0)
+        return choose_thresholds(validation.labels, probabilities, target_recall)
     if len(info.classes) != 2:
         return None
     validation = load_split(data, "validation")
@@ -161,22 +168,29 @@ def comparison(
     members: list[np.ndarray],
     sources: list[str],
     checkpoints: list[dict[str, Any]],
+    threshold: float | list[float] | None = None,
 ) -> pd.DataFrame:
-    """One row per model (ensemble, member0, member1, ...) with its source, architecture and split metrics."""
+    """One row per model (ensemble, member0, member1, ...) with its source, architecture and split metrics
+    (multi-label: each at its own per-class thresholds)."""
     rows = [{"model": "ensemble", "source": f"mean of {len(members)}", "architecture": "ensemble"}]
-    rows[0].update(classification_metrics(labels, probabilities, info.classes))
+    ensemble = {"task": info.task, "threshold": threshold}
+    rows[0].update(classification_metrics(labels, probabilities, info.classes, multilabel_thresholds(ensemble)))
     for index, (source, checkpoint, member) in enumerate(zip(sources, checkpoints, members, strict=True)):
         row = {"model": f"member{index}", "source": source, "architecture": checkpoint["architecture"]}
-        rows.append({**row, **classification_metrics(labels, member, info.classes)})
+        scores = classification_metrics(labels, member, info.classes, multilabel_thresholds(checkpoint))
+        rows.append({**row, **scores})
     return pd.DataFrame(rows)
 
 
-def table_metrics(table: pd.DataFrame, threshold: float | None) -> dict[str, float]:
-    """`ensemble_<metric>` and `member<i>_<metric>` for every metric in the comparison table."""
+def table_metrics(table: pd.DataFrame, threshold: float | list[float] | None) -> dict[str, float]:
+    """`ensemble_<metric>` and `member<i>_<metric>` for every metric in the comparison table, and the ensemble's
+    decision threshold (`decision_threshold_<i>` per class for multi-label models)."""
     names = list(table.select_dtypes("number").columns)
     logged = {
         metric_name(f"{row['model']}_{name}"): float(row[name]) for row in table.to_dict("records") for name in names
     }
-    if threshold is not None:
+    if isinstance(threshold, list):
+        logged.update({f"decision_threshold_{index}": value for index, value in enumerate(threshold)})
+    elif threshold is not None:
         logged["decision_threshold"] = threshold
     return logged

@@ -41,12 +41,7 @@ class EvaluationResult:
 def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult:
     """Score `model` (checkpoint file, run id, or MLflow model URI) on `config.split` of the prepared `data`."""
     data = Path(data)
-    info = read_info(data)
-    tracking.connect()
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = load_checkpoint(model, Path(scratch))
-    check_fits(checkpoint, model, data, info)
-    arrays = read_split(data, config.split)
+    info, checkpoint, arrays = checkpoint_and_split(model, data, config.split)
     device = resolve_device(config.device)
     labels, probabilities = predict_split(checkpoint, arrays, config.batch_size, device, config.tta)
     thresholds = multilabel_thresholds(checkpoint)
@@ -56,7 +51,6 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
         intervals = bootstrap_intervals(labels, probabilities, info.classes, config.bootstrap, config.seed, thresholds)
     tags = {"classifier.evaluated_model": model, "classifier.data": str(data.resolve())}
     with tracking.start_run(config.experiment, f"evaluate-{config.split}", tags):
-        # Names unlike the MLproject parameters, which `mlflow run` logs itself.
         tracking.log_params(
             {
                 "evaluated_model": model,
@@ -74,6 +68,16 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
             tracking.log_artifacts(Path(scratch), "evaluation")
         run_id = tracking.active_run_id()
     return EvaluationResult(run_id, scores, {key: intervals[key] for key in BOOTSTRAPPED if key in intervals})
+
+
+def checkpoint_and_split(model: str, data: Path, split: str) -> tuple[DatasetInfo, dict[str, Any], SplitArrays]:
+    """The prepared `data`'s description, the checkpoint of `model` (checked to fit the data) and `split`'s images."""
+    info = read_info(data)
+    tracking.connect()
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = load_checkpoint(model, Path(scratch))
+    check_fits(checkpoint, model, data, info)
+    return info, checkpoint, read_split(data, split)
 
 
 def check_fits(checkpoint: dict[str, Any], model: str, data: Path, info: DatasetInfo) -> None:

@@ -49,7 +49,7 @@ def test_mlproject_declares_only_arguments_and_config() -> None:
 
 def test_log_params_keeps_what_the_run_has_and_logs_the_rest() -> None:
     with tracking.start_run("params") as run:
-        mlflow.log_params({"lr": "1e-2", "epochs": "3"})  # as `mlflow run` logs `-P lr=1e-2 -P epochs=3`
+        mlflow.log_params({"lr": "1e-2", "epochs": "3"}, synchronous=True)  # as `mlflow run` logs its -P values
         tracking.log_params({"lr": 0.01, "epochs": 3, "model": "simple_cnn"})
 
     logged = mlflow.get_run(run.info.run_id).data

@@ -16,10 +16,12 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from classifier.cli import main
-from classifier.config import EmbedConfig, EvaluateConfig, PrepareConfig, TrainConfig
+from classifier.config import EmbedConfig, EnsembleConfig, EvaluateConfig, PrepareConfig, TrainConfig
+from classifier.cv import cross_validate
 from classifier.data.layout import read_info, read_manifest
 from classifier.data.prepare import TRACKING_VARIABLES, prepare
 from classifier.embed import embed
+from classifier.ensembling import build_ensemble
 from classifier.errors import UserError
 from classifier.evaluate import evaluate
 from classifier.pyfunc import load_classifier
@@ -154,3 +156,37 @@ def test_an_image_with_another_channel_count_than_the_model_is_an_error_in_its_r
     table = load_classifier(str(result.checkpoint)).predict([rgb])
     assert "3 channels" in table.loc[0, "error"] and "takes 4" in table.loc[0, "error"]
     assert pd.isna(table.loc[0, "label"])
+
+
+def test_an_ensemble_of_multilabel_models_averages_their_sigmoids(cells, tmp_path):
+    data = cells / "prepared"
+    runs = [
+        fit(TrainConfig(epochs=2, batch_size=16, lr=0.01, seed=seed, augment="none", output_dir=tmp_path / "o"), data)
+        for seed in (1, 2)
+    ]
+    result = build_ensemble(EnsembleConfig(runs=[run.run_id for run in runs], split="test"), data)
+    assert isinstance(result.threshold, list) and len(result.threshold) == len(CLASSES)
+
+    manifest = read_manifest(data)
+    test = manifest[manifest["split"] == "test"]
+    images = [(data / path).read_bytes() for path in test["path"]]
+    columns = [f"prob_{name}" for name in sorted(CLASSES)]
+    members = [load_classifier(str(run.checkpoint)).predict(images)[columns].to_numpy() for run in runs]
+    predicted = mlflow.pyfunc.load_model(result.model_uri).predict(pd.DataFrame({"image": images}))
+    np.testing.assert_allclose(predicted[columns].to_numpy(), np.mean(members, axis=0), atol=1e-5)
+    assert set(result.table["model"]) == {"ensemble", "member0", "member1"}
+
+
+def test_cross_validation_of_multilabel_folds_scores_every_class_out_of_fold(cells, tmp_path):
+    folded = tmp_path / "folded"
+    prepare(cells / "train.csv", folded, rgby_config(folds=2, fractions=[0.8, 0.0, 0.2]))
+    manifest = read_manifest(folded)
+    training = manifest[manifest["split"] == "training"]
+    assert sorted(training["fold"].unique()) == [0, 1]
+    for fold, rows in training.groupby("fold"):  # iterative stratification: each fold holds every class
+        assert set(rows["label"].str.split().explode()) == set(CLASSES), fold
+
+    result = cross_validate(TrainConfig(epochs=1, batch_size=16, augment="none", output_dir=tmp_path / "o"), folded)
+    assert len(result.fold_run_ids) == 2
+    assert {f"f1_{name}" for name in CLASSES} <= set(result.out_of_fold)
+    assert 0 <= result.out_of_fold["macro_f1"] <= 1

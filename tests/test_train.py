@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, free_port
+from conftest import free_port
 from prepared import prepared_dataset
 
 from classifier.cli import main
@@ -214,19 +213,6 @@ def test_unreachable_tracking_server_fails_within_ten_seconds(
 
 
 @pytest.mark.slow
-def test_mlflow_run_train_entry_point(grey_pair: Path, tmp_path: Path, isolated_tracking: str) -> None:
-    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local"]
-    command += ["-P", f"data={grey_pair}", "-P", "epochs=1", "-P", "batch_size=8", "--experiment-name", "entry"]
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `classifier` for MLproject's command
-    environment = {**os.environ, "PATH": path}
-    process = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-
-    assert process.returncode == 0, process.stderr[-3000:]
-    runs = mlflow.search_runs(experiment_names=["entry"])
-    assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
-    assert "metrics.val_roc_auc" in runs.columns and runs.loc[0, "params.batch_size"] == "8"
-
-
 def test_early_stopping_ends_the_run_after_patience_epochs_without_gain(grey_pair: Path, tmp_path: Path) -> None:
     config = quick(tmp_path, epochs=5, lr=1e-12, monitor="accuracy", patience=1)
 
