@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from classifier.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS = ("training", "validation", "test")
 INFO_FILE = "dataset.json"
@@ -58,6 +59,8 @@ def read_info(root: Path) -> DatasetInfo:
 
 def read_manifest(root: Path) -> pd.DataFrame:
     """Read `root/manifest.csv` with one row per prepared image (paths relative to `root`)."""
+    import pandas as pd  # here, not at the top: prepare's workers start before pandas has loaded
+
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         raise UserError(f"{root}: not a prepared dataset (no {MANIFEST_FILE}); run `classifier prepare` first")

@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageStat
 from tqdm import tqdm
 
@@ -38,6 +37,9 @@ from classifier.data.images import (
 from classifier.data.layout import INFO_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SPLITS, DatasetInfo, read_info
 from classifier.data.sources import MAX_LISTED, Record, read_source
 from classifier.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")  # set by the user or by `mlflow run`
 # zlib level 1 with the run-length strategy: on filtered PNG rows of photos and tissue tiles about 40% faster than
@@ -146,7 +148,9 @@ def _write(
     (staging / CONVERTED).mkdir(parents=True)
     try:
         converting = pool.imap(_Converter(staging), jobs)  # the workers start on the images now
-        from classifier.data.splits import assign_splits  # meanwhile sklearn and scipy load here (a second or two)
+        import pandas as pd  # meanwhile pandas, sklearn and scipy load here (a second or two)
+
+        from classifier.data.splits import assign_splits
 
         splits, folds = assign_splits(
             [record.label for record in kept],

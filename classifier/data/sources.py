@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from classifier.data.images import IMAGE_SUFFIXES
 from classifier.errors import UserError
@@ -137,6 +136,8 @@ def _read_csv(
     multi_label: bool = False,
     channel_files: list[str] | None = None,
 ) -> Source:
+    import pandas as pd  # here, not at the top: prepare's workers start before pandas has loaded
+
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
