@@ -34,10 +34,13 @@ class SimpleCNN(nn.Module):
             ]
             channels = width * multiplier
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.num_features = channels
-        self.classifier = (
-            nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes)) if num_classes else nn.Identity()
-        )
+        self.num_features, self.dropout = channels, dropout
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head for `num_classes`; 0 leaves it out, so the network returns its pooled features (as in timm)."""
+        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.num_features, num_classes))
+        self.classifier = head if num_classes else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -86,7 +89,8 @@ def create_model(
     With `metadata_width`, the network's pooled features are fused with that many metadata inputs (`MetadataFusion`).
     """
     if metadata_width:
-        backbone = create_model(name, 0, in_chans, pretrained, weights)
+        backbone = create_model(name, 1, in_chans, pretrained, weights)  # weights load with a head, then it goes
+        backbone.reset_classifier(0)
         return MetadataFusion(backbone, metadata_width, num_classes)
     if name == SIMPLE_CNN:
         model = SimpleCNN(num_classes, in_chans)

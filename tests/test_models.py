@@ -13,7 +13,15 @@ from timm.data import ImageNetInfo
 
 from classifier.data.transforms import Normalise, image_to_tensor
 from classifier.errors import UserError
-from classifier.models import create_model, model_from_checkpoint, packaged_weights, set_backbone_trainable
+from classifier.models import (
+    MetadataFusion,
+    apply_model,
+    create_model,
+    head_and_backbone,
+    model_from_checkpoint,
+    packaged_weights,
+    set_backbone_trainable,
+)
 
 # ImageNet classes a photo of a Chinese temple roof by a lake may fairly be called.
 TEMPLE_CLASSES = {"bell cote", "church", "palace", "dome", "monastery", "mosque", "pagoda", "stupa", "boathouse"}
@@ -103,3 +111,27 @@ def test_image_to_tensor_scales_8_and_16_bit() -> None:
     assert image_to_tensor(grey16, 16).max() == 1.0
     assert image_to_tensor(rgb, 8).shape == (3, 4, 5)
     assert torch.allclose(image_to_tensor(rgb, 8), torch.full((3, 4, 5), 0.2))
+
+
+def test_pretrained_first_conv_is_adapted_to_rgby_as_timm_does() -> None:
+    model = create_model("efficientnet_lite0", 28, 4, pretrained=True)
+    rgb = torch.load(packaged_weights("efficientnet_lite0"), weights_only=True)["_conv_stem.weight"]
+
+    stem = model.conv_stem.weight
+    assert stem.shape == (32, 4, 3, 3)
+    # timm repeats the RGB filters over the extra channel (yellow gets red's) and scales by 3/4 to keep activations
+    assert torch.allclose(stem, torch.cat([rgb, rgb[:, :1]], dim=1) * 3 / 4)
+
+
+def test_a_metadata_model_keeps_the_pretrained_backbone_and_joins_the_metadata_before_the_head() -> None:
+    model = create_model("efficientnet_lite0", 7, 3, pretrained=True, metadata_width=5).eval()
+    plain = create_model("efficientnet_lite0", 7, 3, pretrained=True)
+
+    assert isinstance(model, MetadataFusion)
+    assert torch.equal(model.backbone.conv_stem.weight, plain.conv_stem.weight)
+    images, metadata = torch.rand(2, 3, 32, 32), torch.rand(2, 5)
+    assert apply_model(model, (images, metadata)).shape == (2, 7)
+    with torch.no_grad():  # the metadata changes the prediction
+        assert not torch.equal(model(images, metadata), model(images, metadata + 1))
+    head, backbone = head_and_backbone(model)
+    assert len(head) == 4 and all(any(p is q for q in model.backbone.parameters()) for p in backbone)
