@@ -22,7 +22,7 @@ from classifier.data.dataset import SplitArrays, load_split
 from classifier.data.layout import DatasetInfo, read_info
 from classifier.ensemble import combine
 from classifier.errors import UserError
-from classifier.evaluate import check_fits, load_checkpoint, multilabel_thresholds, predict_split, read_split
+from classifier.evaluate import check_fits, load_checkpoint, predict_split, read_split
 from classifier.metrics import classification_metrics
 from classifier.plots import write_report
 from classifier.pyfunc import log_classifier_model
@@ -72,7 +72,7 @@ def build_ensemble(config: EnsembleConfig, data: Path) -> EnsembleResult:
         params.update({f"member{index}": source for index, source in enumerate(sources)})
         tracking.log_params({**params, **({"ensemble_study": config.study} if config.study else {})})
         tracking.log_metrics(table_metrics(table, ensemble["threshold"]))
-        write_report(folder / "evaluation", labels, probabilities, info.classes, multilabel_thresholds(ensemble))
+        write_report(folder / "evaluation", labels, probabilities, info.classes, ensemble["threshold"])
         table.to_csv(folder / "evaluation" / COMPARISON_FILE, index=False)
         tracking.log_artifacts(folder)
         torch.save(ensemble, folder / "ensemble.pt")
@@ -170,14 +170,13 @@ def comparison(
     checkpoints: list[dict[str, Any]],
     threshold: float | list[float] | None = None,
 ) -> pd.DataFrame:
-    """One row per model (ensemble, member0, member1, ...) with its source, architecture and split metrics
-    (multi-label: each at its own per-class thresholds)."""
+    """One row per model (ensemble, member0, member1, ...) with its source, architecture and split metrics, each
+    scored at its own decision threshold(s)."""
     rows = [{"model": "ensemble", "source": f"mean of {len(members)}", "architecture": "ensemble"}]
-    ensemble = {"task": info.task, "threshold": threshold}
-    rows[0].update(classification_metrics(labels, probabilities, info.classes, multilabel_thresholds(ensemble)))
+    rows[0].update(classification_metrics(labels, probabilities, info.classes, threshold))
     for index, (source, checkpoint, member) in enumerate(zip(sources, checkpoints, members, strict=True)):
         row = {"model": f"member{index}", "source": source, "architecture": checkpoint["architecture"]}
-        scores = classification_metrics(labels, member, info.classes, multilabel_thresholds(checkpoint))
+        scores = classification_metrics(labels, member, info.classes, checkpoint.get("threshold"))
         rows.append({**row, **scores})
     return pd.DataFrame(rows)
 

@@ -44,7 +44,7 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
     info, checkpoint, arrays = checkpoint_and_split(model, data, config.split)
     device = resolve_device(config.device)
     labels, probabilities = predict_split(checkpoint, arrays, config.batch_size, device, config.tta)
-    thresholds = multilabel_thresholds(checkpoint)
+    thresholds = checkpoint.get("threshold")
     scores = classification_metrics(labels, probabilities, info.classes, thresholds)
     intervals = {}
     if config.bootstrap:
@@ -140,13 +140,6 @@ def predict_split(
         network, loader, inputs, amp_dtype("auto", device), flips if tta else None, multi_label=multi_label
     )
     return labels, probabilities
-
-
-def multilabel_thresholds(checkpoint: dict[str, Any]) -> np.ndarray | None:
-    """A multi-label checkpoint's per-class decision thresholds (None otherwise)."""
-    if checkpoint.get("task") != "multi_label" or checkpoint.get("threshold") is None:
-        return None
-    return np.asarray(checkpoint["threshold"], dtype=float)
 
 
 def load_checkpoint(model: str, scratch: Path) -> dict[str, Any]:

@@ -10,19 +10,21 @@ from sklearn import metrics
 from sklearn.preprocessing import label_binarize
 
 BOOTSTRAPPED = ("accuracy", "roc_auc", "macro_f1")
+Thresholds = float | list[float] | np.ndarray | None  # a binary model's threshold, a multi-label model's per class
 
 
 def classification_metrics(
-    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: np.ndarray | None = None
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: Thresholds = None
 ) -> dict[str, float]:
-    """accuracy, balanced_accuracy, macro_f1, roc_auc, pr_auc (one-vs-rest macro for >2 classes), recall_<class>.
+    """accuracy, balanced_accuracy, macro_f1, roc_auc, pr_auc (one-vs-rest macro for >2 classes), recall_<class>,
+    with the model's decisions (see `decisions`; a binary model's threshold applies).
 
     Multi-label data (`labels` an N x C multi-hot matrix) get `multilabel_metrics` at `thresholds` (0.5 by default).
     """
     labels = np.asarray(labels)
     if labels.ndim == 2:
         return multilabel_metrics(labels, probabilities, classes, thresholds)
-    predictions = probabilities.argmax(axis=1)
+    predictions = decisions(probabilities, False, thresholds)
     everyone = list(range(len(classes)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a class absent from a small split: sklearn warns, we report 0 or nan
@@ -39,11 +41,11 @@ def classification_metrics(
 
 
 def multilabel_metrics(
-    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: np.ndarray | None = None
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds: Thresholds = None
 ) -> dict[str, float]:
     """accuracy (every label of an image right), hamming_accuracy, macro/micro/samples F1, macro ROC and PR AUC, and
     per class f1_<class>, roc_auc_<class>, pr_auc_<class> (nan where the split lacks a positive or a negative)."""
-    predictions = multilabel_predictions(probabilities, thresholds)
+    predictions = decisions(probabilities, True, thresholds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = {
@@ -65,10 +67,14 @@ def multilabel_metrics(
     return {name: float(value) for name, value in result.items()}
 
 
-def multilabel_predictions(probabilities: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """Multi-hot predictions: each class whose probability reaches its threshold (0.5 when none are given)."""
-    cut = 0.5 if thresholds is None else np.asarray(thresholds, dtype=float)
-    return (probabilities >= cut).astype(int)
+def decisions(probabilities: np.ndarray, multi_label: bool, thresholds: Thresholds = None) -> np.ndarray:
+    """What the model predicts: multi-hot rows, each class at its threshold (0.5 by default), for multi-label data;
+    for two classes with a threshold, the second class when its probability reaches it; else the argmax class."""
+    if multi_label:
+        return (probabilities >= (0.5 if thresholds is None else np.asarray(thresholds, dtype=float))).astype(int)
+    if thresholds is not None and probabilities.shape[1] == 2:
+        return (probabilities[:, 1] >= float(thresholds)).astype(int)
+    return probabilities.argmax(axis=1)
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -102,13 +108,13 @@ def bootstrap_intervals(
     classes: list[str],
     resamples: int = 1000,
     seed: int = 0,
-    thresholds: np.ndarray | None = None,
+    thresholds: Thresholds = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile 95% intervals of accuracy, ROC AUC and macro F1 over `resamples` resamplings of the images."""
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {name: [] for name in BOOTSTRAPPED}
     multi_label = labels.ndim == 2
-    predictions = multilabel_predictions(probabilities, thresholds) if multi_label else probabilities.argmax(axis=1)
+    predictions = decisions(probabilities, multi_label, thresholds)
     everyone = None if multi_label else list(range(len(classes)))
     for _ in range(resamples):
         sample = rng.integers(0, len(labels), len(labels))

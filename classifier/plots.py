@@ -18,7 +18,7 @@ from sklearn.metrics import (  # noqa: E402
     multilabel_confusion_matrix,
 )
 
-from classifier.metrics import multilabel_predictions  # noqa: E402
+from classifier.metrics import Thresholds, decisions  # noqa: E402
 
 
 def write_report(
@@ -26,15 +26,16 @@ def write_report(
     labels: np.ndarray,
     probabilities: np.ndarray,
     classes: list[str],
-    thresholds: np.ndarray | None = None,
+    thresholds: Thresholds = None,
 ) -> list[Path]:
     """Confusion matrix (counts and row-normalised), ROC and PR curves, and the classification report.
 
-    Multi-label data (multi-hot `labels`, predictions at `thresholds`) get one 2x2 confusion matrix per class.
+    Predictions are the model's decisions at `thresholds` (see `metrics.decisions`); multi-label data (multi-hot
+    `labels`) get one 2x2 confusion matrix per class.
     """
     folder.mkdir(parents=True, exist_ok=True)
     multi_label = labels.ndim == 2
-    predictions = multilabel_predictions(probabilities, thresholds) if multi_label else probabilities.argmax(axis=1)
+    predictions = decisions(probabilities, multi_label, thresholds)
     everyone = None if multi_label else list(range(len(classes)))
     if multi_label:
         written = [per_class_confusion_png(folder / "confusion_matrix_per_class.png", labels, predictions, classes)]

@@ -345,22 +345,22 @@ class Trainer:
         best = torch.load(folder / BEST, map_location=self.device, weights_only=True)
         self.model.load_state_dict(best["state_dict"])
         _, labels, probabilities = self.predict(val_loader)
-        thresholds = None
+        thresholds: float | list[float] | None = None
         if self.multi_label:
             thresholds = choose_thresholds(labels, probabilities, self.config.target_recall)
-            best["threshold"] = thresholds
-            torch.save(best, folder / BEST)
-            tuned = classification_metrics(labels, probabilities, self.info.classes, np.asarray(thresholds))
             logged = {
                 metric_name(f"decision_threshold_{name}"): value
                 for name, value in zip(self.info.classes, thresholds, strict=True)
             }
+        elif len(self.info.classes) == 2 and np.unique(labels).size == 2:
+            thresholds = choose_threshold(labels == 1, probabilities[:, 1], self.config.target_recall)
+            logged = {"decision_threshold": thresholds}
+        if thresholds is not None:  # the model decides with it from now on: scores and plots say what it does
+            best["threshold"] = thresholds
+            torch.save(best, folder / BEST)
+            tuned = classification_metrics(labels, probabilities, self.info.classes, thresholds)
             logged.update({metric_name(f"tuned_val_{name}"): value for name, value in tuned.items()})
             tracking.log_metrics(logged)
-        elif len(self.info.classes) == 2 and np.unique(labels).size == 2:
-            best["threshold"] = choose_threshold(labels == 1, probabilities[:, 1], self.config.target_recall)
-            torch.save(best, folder / BEST)
-            tracking.log_metrics({"decision_threshold": best["threshold"]})
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             upload = Path(scratch)
             report = upload / "evaluation"

@@ -79,12 +79,12 @@ def test_study_ensemble_is_scored_beside_its_members_logged_and_registered(tmp_p
     normalise = Normalise(preprocessing["mean"], preprocessing["std"])
     test = load_split(data, "test")
     members = [softmax_of(network, normalise(torch.from_numpy(test.images))) for network in networks]
-    expected = classification_metrics(test.labels, np.mean(members, axis=0), CLASSES)
+    expected = classification_metrics(test.labels, np.mean(members, axis=0), CLASSES, result.threshold)
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.data.metrics["ensemble_accuracy"] == pytest.approx(expected["accuracy"])
     assert run.data.metrics["ensemble_roc_auc"] == pytest.approx(expected["roc_auc"])
     for index, member in enumerate(members):
-        scores = classification_metrics(test.labels, member, CLASSES)
+        scores = classification_metrics(test.labels, member, CLASSES, checkpoints[index]["threshold"])
         assert run.data.metrics[f"member{index}_macro_f1"] == pytest.approx(scores["macro_f1"])
         assert run.data.params[f"member{index}"] == run_ids[index]
     artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(result.run_id, "evaluation")}

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -39,8 +40,13 @@ def test_evaluate_scores_the_test_split_like_sklearn_and_logs_it(trained: tuple[
     normalise = Normalise(checkpoint["preprocessing"]["mean"], checkpoint["preprocessing"]["std"])
     with torch.no_grad():
         logits = model_from_checkpoint(checkpoint)(normalise(torch.from_numpy(test.images)))
-    expected = classification_metrics(test.labels, logits.softmax(1).numpy(), ["benign", "malignant"])
+    # scored as the model decides: the positive class from the validation threshold stored with it
+    assert checkpoint["threshold"] is not None
+    probabilities = logits.softmax(1).numpy()
+    expected = classification_metrics(test.labels, probabilities, ["benign", "malignant"], checkpoint["threshold"])
     assert evaluation.metrics == pytest.approx(expected)
+    decided = (probabilities[:, 1] >= checkpoint["threshold"]).astype(int)
+    assert evaluation.metrics["accuracy"] == pytest.approx(np.mean(decided == test.labels))
     for name, (low, high) in evaluation.intervals.items():
         assert low <= evaluation.metrics[name] <= high
     run = mlflow.MlflowClient().get_run(evaluation.run_id)
