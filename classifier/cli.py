@@ -209,8 +209,15 @@ def model_settings(command: Any) -> Any:
     type=blank_is_unset(click.Path(dir_okay=False, allow_dash=True, path_type=Path)),
     help="CSV to write, - for stdout. [predictions.csv]",
 )
+@click.option(
+    "--channel-files",
+    type=blank_is_unset(str),
+    help="PATHS are CSVs of image stems; stack each stem's files <stem>_<name>.<ext>, e.g. red,green,blue,yellow.",
+)
 @model_settings
-def predict_command(model: str, paths: tuple[Path, ...], output: Path | None, **settings: Any) -> None:
+def predict_command(
+    model: str, paths: tuple[Path, ...], output: Path | None, channel_files: str | None, **settings: Any
+) -> None:
     """Label images with MODEL (a checkpoint file or an MLflow model URI such as models:/NAME@champion).
 
     PATHS are image files, folders (searched recursively) or CSVs with a `path` column. Writes one row per image:
@@ -218,7 +225,8 @@ def predict_command(model: str, paths: tuple[Path, ...], output: Path | None, **
     """
     from classifier.predict import predict
 
-    predict(model, paths, output or Path("predictions.csv"), **settings)
+    channels = [name for name in (channel_files or "").replace(",", " ").split() if name]
+    predict(model, paths, output or Path("predictions.csv"), channel_files=channels or None, **settings)
 
 
 @main.command("serve")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from classifier.data.images import IMAGE_SUFFIXES
+from classifier.data.sources import resolve_image
 from classifier.errors import UserError
 from classifier.pyfunc import ERROR_COLUMN, load_classifier
 
@@ -52,6 +53,21 @@ def _read_csv(csv: Path) -> pd.DataFrame:
     return listed[listed[PATH_COLUMN] != ""].reset_index(drop=True)
 
 
+def list_channel_images(paths: Iterable[Path], channel_files: list[str]) -> tuple[list[str], list[list[Path]]]:
+    """The stems that CSVs list in their `path` column, and each stem's channel files `<stem>_<name>.<ext>` (a
+    missing one keeps a `.png` name, so that its row reports it)."""
+    stems, images = [], []
+    for path in paths:
+        if path.suffix.lower() != ".csv" or not path.is_file():
+            raise UserError(f"{path}: --channel-files reads image stems from a CSV's `{PATH_COLUMN}` column; pass one")
+        for stem in _read_csv(path)[PATH_COLUMN]:
+            files = [resolve_image(path.parent, f"{stem}_{name}") for name in channel_files]
+            fallback = [path.parent / f"{stem}_{name}.png" for name in channel_files]
+            stems.append(str(path.parent / stem))
+            images.append([file or missing for file, missing in zip(files, fallback, strict=True)])
+    return stems, images
+
+
 def metadata_rows(paths: Iterable[Path], columns: list[str]) -> pd.DataFrame:
     """The metadata of the images a model with metadata inputs is asked about: PATHS must be CSVs with those columns."""
     tables = []
@@ -89,16 +105,24 @@ def predict(
     tta: bool | None = None,
     device: str | None = None,
     workers: int | None = None,
+    channel_files: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Predict every image under `paths` with `model` and write path, label, confidence, prob_<class>, error rows."""
+    """Predict every image under `paths` with `model` and write path, label, confidence, prob_<class>, error rows.
+
+    With `channel_files` (e.g. red, green, blue, yellow), `paths` are CSVs of image stems whose channels are files.
+    """
     paths = list(paths)
-    images = list_images(paths)
+    if channel_files:
+        names, images = list_channel_images(paths, channel_files)
+    else:
+        images = list_images(paths)
+        names = [str(image) for image in images]
     classifier = load_classifier(
         model, tta=tta, inference_batch_size=batch_size, inference_device=device, decode_workers=workers
     )
     metadata = metadata_rows(paths, classifier.metadata_columns) if classifier.metadata_columns else None
     table = classifier.predict(images, progress=True, metadata=metadata)
-    table.insert(0, PATH_COLUMN, [str(image) for image in images])
+    table.insert(0, PATH_COLUMN, names)
     write_csv(table, output)
     unreadable = int(table[ERROR_COLUMN].notna().sum())
     where = "stdout" if output == STDOUT else output

@@ -45,7 +45,7 @@ from mlflow.types.schema import AnyType
 from PIL import Image
 from tqdm import tqdm
 
-from classifier.data.images import image_channels, normalise_mode, open_image, resize
+from classifier.data.images import image_channels, normalise_mode, open_channels, open_image, resize
 from classifier.data.metadata import encode, from_plain
 from classifier.data.transforms import Normalise, flips, image_to_tensor
 from classifier.errors import UserError
@@ -91,13 +91,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def image_source(value: Any, name: str = "image") -> bytes | Path:
-    """Interpret one `image` cell: raw bytes, a base64 string (optionally a data URI) or an existing file path;
-    `name` says which cell in errors."""
+def image_source(value: Any, name: str = "image") -> bytes | Path | list[Path]:
+    """Interpret one `image` cell: raw bytes, a base64 string (optionally a data URI), an existing file path, or a
+    list of per-channel file paths (stacked as `prepare --channel-files` does); `name` says which cell in errors."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, Path):
         return value
+    if isinstance(value, list | tuple) and all(isinstance(part, str | Path) for part in value):
+        return [Path(part) for part in value]
     if not isinstance(value, str):
         raise UserError(f"{name}: a {type(value).__name__}; pass image bytes, a base64 string or a file path")
     text = value.strip()
@@ -156,9 +158,13 @@ class ImageClassifier:
         """The metadata columns the model takes beside each image (none for image-only models)."""
         return [encoding.name for encoding in self.encodings]
 
-    def preprocess(self, source: bytes | Path, name: str | None = None) -> torch.Tensor:
-        """Decode one image into the CxHxW tensor in [0, 1] that training reads (normalised per batch)."""
-        image = open_image(source, size=self.size, name=name)
+    def preprocess(self, source: bytes | Path | list[Path], name: str | None = None) -> torch.Tensor:
+        """Decode one image (or stack its channel files) into the CxHxW tensor in [0, 1] that training reads
+        (normalised per batch)."""
+        if isinstance(source, list):
+            image = open_channels(source, size=self.size, names=[str(path) for path in source])
+        else:
+            image = open_image(source, size=self.size, name=name)
         if self.channels == 4 and image_channels(image) != 4:  # an RGB(Y) model must not get a yellow-less image
             raise UserError(
                 f"{name or source}: {image_channels(image)} channels, but the model takes 4; pass a 4-channel image "
@@ -230,7 +236,7 @@ class ImageClassifier:
     def _read_one(self, value: Any, name: str) -> tuple[torch.Tensor | None, str | None]:
         try:
             source = image_source(value, name)
-            return self.preprocess(source, name=None if isinstance(source, Path) else name), None
+            return self.preprocess(source, name=None if isinstance(source, Path | list) else name), None
         except UserError as error:
             return None, error.message
 

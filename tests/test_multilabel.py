@@ -138,6 +138,18 @@ def test_multilabel_model_tunes_a_threshold_per_class_and_round_trips_through_th
     assert run.exit_code == 0, run.output
     assert len(pd.read_csv(output)) == len(test)
 
+    # The channel files themselves, listed by stem, give the same answers; a stem without files fails only its row.
+    stems = cells / "stems.csv"
+    pd.DataFrame({"path": [*test["source"], "train/no_such_cell"]}).to_csv(stems, index=False)
+    output = tmp_path / "from_channels.csv"
+    run = CliRunner().invoke(
+        main, ["predict", uri, str(stems), "--channel-files", ",".join(CHANNELS), "-o", str(output)]
+    )
+    assert run.exit_code == 0, run.output
+    from_channels = pd.read_csv(output, keep_default_na=False)
+    assert list(from_channels["label"][:-1]) == list(predictions["label"])
+    assert "no_such_cell_red.png" in from_channels["error"].iloc[-1] and from_channels["label"].iloc[-1] == ""
+
     # evaluate scores at the tuned thresholds (the labels predict gives); embed colours each cell by a class.
     evaluated = evaluate(EvaluateConfig(bootstrap=20), uri, data)
     truth = np.array([[name in row.split() for name in classifier.classes] for row in test["label"]], dtype=int)

@@ -161,7 +161,7 @@ def _read_csv(
                 continue
             image = channels[0]
         else:
-            image = _resolve(path.parent, row[path_column])
+            image = resolve_image(path.parent, row[path_column])
         if image is None:
             missing.append(f"row {row_number}: {row[path_column] or '(empty path)'}")
             continue
@@ -218,7 +218,7 @@ def _resolve_channels(folder: Path, stem: str, names: list[str]) -> tuple[list[P
     """The files `<stem>_<name>.<image suffix>` for each channel name, and the names with no such file."""
     found, absent = [], []
     for name in names:
-        file = _resolve(folder, f"{stem.strip()}_{name}") if stem.strip() else None
+        file = resolve_image(folder, f"{stem.strip()}_{name}") if stem.strip() else None
         if file is None:
             absent.append(name)
         else:
@@ -226,7 +226,7 @@ def _resolve_channels(folder: Path, stem: str, names: list[str]) -> tuple[list[P
     return found, absent
 
 
-def _resolve(folder: Path, value: str) -> Path | None:
+def resolve_image(folder: Path, value: str) -> Path | None:
     """The image file a CSV cell names (relative to the CSV's folder; an image suffix may be left out)."""
     if not value.strip():
         return None
