@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -317,13 +319,19 @@ def with_options(options: list[Any]) -> Any:
     return decorate
 
 
-def _stop_on_terminate() -> None:
-    """`kill PID` (or a batch scheduler's SIGTERM) ends the run KILLED and resumable, as Ctrl-C does."""
+@contextmanager
+def _stop_on_terminate() -> Iterator[None]:
+    """While training, `kill PID` (or a batch scheduler's SIGTERM) ends the run KILLED and resumable, as Ctrl-C does;
+    the previous handler comes back afterwards (the command may run inside another program)."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_config(config_path: Path | None, options: dict[str, Any]) -> Any:
@@ -343,8 +351,8 @@ def train_command(data: Path, config_path: Path | None, run_name: str | None, **
     from classifier.train import fit
 
     config = _train_config(config_path, options)
-    _stop_on_terminate()
-    result = fit(config, data, run_name=run_name)
+    with _stop_on_terminate():
+        result = fit(config, data, run_name=run_name)
     scores = ", ".join(f"{key} {value:.4f}" for key, value in result.best_metrics.items() if key.startswith("val_"))
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}: {scores}")
     click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
@@ -360,8 +368,8 @@ def cv_command(data: Path, config_path: Path | None, run_name: str | None, **opt
     from classifier.cv import cross_validate
 
     config = _train_config(config_path, options)
-    _stop_on_terminate()
-    result = cross_validate(config, data, run_name=run_name)
+    with _stop_on_terminate():
+        result = cross_validate(config, data, run_name=run_name)
     for key in sorted(result.mean):
         click.echo(f"{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")
     click.echo(f"parent run {result.run_id}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from classifier.cli import main
 from classifier.config import PrepareConfig
 from classifier.data import prepare as prepare_module
 from classifier.data.layout import MANIFEST_COLUMNS, DatasetInfo, read_info, read_manifest
-from classifier.data.prepare import prepare
+from classifier.data.prepare import WorkerPool, prepare
 from classifier.data.sources import read_source
 from classifier.errors import UserError
 
@@ -430,3 +431,22 @@ def test_example_data_writes_the_digits_as_class_folders(tmp_path: Path) -> None
     assert np.array_equal(np.asarray(image), np.rint(load_digits().images[0] * 255 / 16))
     code, output = cli("example-data", tmp_path / "digits")
     assert code == 1 and "not an empty folder" in output
+
+
+def _sigterm_is_default(_: object) -> bool:
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_workers_die_on_terminate_even_when_the_parent_catches_sigterm() -> None:
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as `classifier train` does, in-process
+    try:
+        with WorkerPool(2) as pool:
+            assert all(pool.imap(_sigterm_is_default, list(range(8))))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_cli_gives_back_the_sigterm_handler_it_set_for_training(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    CliRunner().invoke(main, ["train", str(tmp_path), "--epochs", "1"])  # fails: not a prepared dataset
+    assert signal.getsignal(signal.SIGTERM) is before

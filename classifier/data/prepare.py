@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -438,7 +439,13 @@ class WorkerPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.pool = multiprocessing.Pool(workers) if workers > 1 else None
+        # Workers die on terminate() even when the parent caught SIGTERM (`classifier train` turns it into Ctrl-C): a
+        # forked worker would inherit that Python handler, which never runs while it blocks on the task queue.
+        self.pool = None
+        if workers > 1:
+            self.pool = multiprocessing.Pool(
+                workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)
+            )
 
     def __enter__(self) -> WorkerPool:
         return self
