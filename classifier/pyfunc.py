@@ -193,7 +193,8 @@ class ImageClassifier:
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Predicted class indices: the stored threshold on the positive class for binary tasks, else argmax;
-        multi-label models: a multi-hot row per image, each class at its own threshold."""
+        multi-label models: a multi-hot row per image, each class at its own threshold. (The rule of
+        `metrics.decisions`, kept here so that the served model needs no scikit-learn.)"""
         if self.multi_label:
             return (probabilities >= np.asarray(self.threshold if self.threshold is not None else 0.5)).astype(int)
         if self.threshold is not None and len(self.classes) == 2:
