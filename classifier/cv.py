@@ -49,6 +49,7 @@ def cross_validate(
         raise UserError(f"{data}: has no folds; prepare it with `classifier prepare --folds K` to cross-validate")
     tracking.connect()
     training = load_split(data, "training", config.cache)
+    device = resolve_device(config.device)
     labels = np.empty_like(training.labels)
     probabilities = np.empty((len(training.labels), len(info.classes)), dtype=np.float32)
     with tracking.start_run(
@@ -62,7 +63,6 @@ def cross_validate(
             results.append(result)
             rows = fit_indices(info, training, fold)[1]
             checkpoint = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
-            device = resolve_device(config.device)
             labels[rows], probabilities[rows] = predict_split(
                 checkpoint, training, config.batch_size * 2, device, rows=rows
             )

@@ -144,20 +144,19 @@ def validation_threshold(
     """Binary tasks: the threshold chosen on the validation split from the averaged probabilities, as `fit` does;
     multi-label tasks: one per class; None (argmax) for more classes, or without both classes in validation (e.g.
     data prepared with --folds)."""
-    if info.task == "multi_label":
-        validation = load_split(data, "validation")
-        if len(validation.labels) == 0:
-            print(f"ensemble: {data} has no validation images; thresholds stay at 0.5", file=sys.stderr)
-            return None
-        probabilities = np.mean(member_probabilities(checkpoints, validation, batch_size, device), axis=0)
-        return choose_thresholds(validation.labels, probabilities, target_recall)
-    if len(info.classes) != 2:
+    multi_label = info.task == "multi_label"
+    if not multi_label and len(info.classes) != 2:
         return None
     validation = load_split(data, "validation")
-    if np.unique(validation.labels).size != 2:
+    if multi_label and len(validation.labels) == 0:
+        print(f"ensemble: {data} has no validation images; thresholds stay at 0.5", file=sys.stderr)
+        return None
+    if not multi_label and np.unique(validation.labels).size != 2:
         print(f"ensemble: {data} has no validation images of both classes; no decision threshold", file=sys.stderr)
         return None
     probabilities = np.mean(member_probabilities(checkpoints, validation, batch_size, device), axis=0)
+    if multi_label:
+        return choose_thresholds(validation.labels, probabilities, target_recall)
     return choose_threshold(validation.labels == 1, probabilities[:, 1], target_recall)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from classifier.data.images import IMAGE_SUFFIXES
-from classifier.data.sources import resolve_image
+from classifier.data.sources import channel_paths
 from classifier.errors import UserError
 from classifier.pyfunc import ERROR_COLUMN, load_classifier
 
@@ -61,7 +61,7 @@ def list_channel_images(paths: Iterable[Path], channel_files: list[str]) -> tupl
         if path.suffix.lower() != ".csv" or not path.is_file():
             raise UserError(f"{path}: --channel-files reads image stems from a CSV's `{PATH_COLUMN}` column; pass one")
         for stem in _read_csv(path)[PATH_COLUMN]:
-            files = [resolve_image(path.parent, f"{stem}_{name}") for name in channel_files]
+            files = channel_paths(path.parent, stem, channel_files)
             fallback = [path.parent / f"{stem}_{name}.png" for name in channel_files]
             stems.append(str(path.parent / stem))
             images.append([file or missing for file, missing in zip(files, fallback, strict=True)])

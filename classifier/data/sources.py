@@ -155,10 +155,12 @@ def _read_csv(
     for row_number, row in enumerate(table.to_dict("records"), start=2):
         channels = None
         if channel_files:
-            channels, absent = _resolve_channels(path.parent, row[path_column], channel_files)
+            files = channel_paths(path.parent, row[path_column], channel_files)
+            absent = [name for name, file in zip(channel_files, files, strict=True) if file is None]
             if absent:
                 missing.append(f"row {row_number}: {row[path_column] or '(empty path)'}_{{{','.join(absent)}}}")
                 continue
+            channels = [file for file in files if file is not None]
             image = channels[0]
         else:
             image = resolve_image(path.parent, row[path_column])
@@ -214,16 +216,9 @@ def _named_class(name: str, class_names: list[str] | None) -> str | None:
     return None
 
 
-def _resolve_channels(folder: Path, stem: str, names: list[str]) -> tuple[list[Path], list[str]]:
-    """The files `<stem>_<name>.<image suffix>` for each channel name, and the names with no such file."""
-    found, absent = [], []
-    for name in names:
-        file = resolve_image(folder, f"{stem.strip()}_{name}") if stem.strip() else None
-        if file is None:
-            absent.append(name)
-        else:
-            found.append(file)
-    return found, absent
+def channel_paths(folder: Path, stem: str, names: list[str]) -> list[Path | None]:
+    """For each channel name, the file `<stem>_<name>.<image suffix>` under `folder`, or None where there is none."""
+    return [resolve_image(folder, f"{stem.strip()}_{name}") if stem.strip() else None for name in names]
 
 
 def resolve_image(folder: Path, value: str) -> Path | None:
