@@ -26,8 +26,8 @@ import requests
 import torch
 from PIL import Image
 
-from classifier.models import create_model
-from classifier.pyfunc import load_classifier
+from classifier.model.pyfunc import load_classifier
+from classifier.nets.models import create_model
 
 BIN = Path(sys.executable).parent
 

@@ -23,8 +23,9 @@ from classifier.config import PrepareConfig, TrainConfig
 from classifier.data.dataset import CachedImages
 from classifier.data.layout import read_info
 from classifier.data.prepare import prepare
-from classifier.models import create_model
-from classifier.train import Trainer, _datasets, make_loader, resolve_device
+from classifier.learn.device import resolve_device
+from classifier.learn.train import Trainer, _datasets, make_loader
+from classifier.nets.models import create_model
 
 WARM_UP_BATCHES = 5
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"

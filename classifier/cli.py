@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from classifier import __version__
+from classifier import __version__, stopping
 
 
 class BlankIsUnset(click.ParamType):
@@ -69,8 +68,15 @@ class ExactChoice(click.Choice):
     }
 )
 @click.version_option(__version__, prog_name="classifier")
-def main() -> None:
+@click.option(
+    "--verbose", is_flag=True, help="Show every warning and log line, also those known to be harmless (hidden)."
+)
+def main(verbose: bool) -> None:
     """Prepare image datasets, train, tune and serve classifiers, with every run tracked in MLflow."""
+    if verbose:
+        from classifier.console import set_verbose
+
+        set_verbose()
 
 
 @main.command("search")
@@ -83,18 +89,60 @@ def main() -> None:
     help="Optuna storage: postgresql://... (or another RDB URL) to share a study; default a journal file beside the "
     "MLflow store.",
 )
-@click.option("--n-trials", type=blank_is_unset(click.INT), help="Trials in the study in total (all workers). [20]")
-@click.option("--timeout", type=blank_is_unset(click.FLOAT), help="Stop starting trials after this many seconds.")
-@click.option("--n-workers", type=blank_is_unset(click.INT), help="Worker processes here (one GPU each if any). [1]")
-@click.option("--threads-per-worker", type=blank_is_unset(click.INT), help="CPU threads per worker without GPUs.")
-@click.option("--metric", type=blank_is_unset(str), help="Objective: a validation metric of fit, or auto. [auto]")
-@click.option("--cv-folds", type=blank_is_unset(click.INT), help="Score each trial by the mean over K folds.")
-@click.option("--sampler", type=blank_is_unset(click.Choice(["tpe", "random"])), help="Optuna sampler. [tpe]")
 @click.option(
-    "--pruner", type=blank_is_unset(click.Choice(["none", "median", "hyperband"])), help="Optuna pruner. [median]"
+    "--n-trials",
+    type=blank_is_unset(click.INT),
+    help="Trials in the study in total (all workers). [20; with --budget: as many as fit]",
+)
+@click.option("--timeout", type=blank_is_unset(click.FLOAT), help="Stop starting trials after this many seconds.")
+@click.option(
+    "--budget",
+    type=blank_is_unset(str),
+    help="Wall time of the whole search, e.g. 1h, 90m: trials get 90%, then the champion is built; trials still "
+    "running when their share ends are pruned.",
+)
+@click.option(
+    "--refit",
+    type=_choice("auto", "none", "folds"),
+    help="The champion: folds = the best configuration's K fold models as one ensemble, threshold tuned on their "
+    "out-of-fold predictions; none = the best trial's model. [auto: folds with --cv-folds]",
+)
+@click.option(
+    "--n-workers",
+    type=blank_is_unset(str),
+    help="Worker processes here, one GPU each if any; auto: one per visible GPU, else one per 2 cores (or per "
+    "--threads-per-worker). [1]",
+)
+@click.option("--threads-per-worker", type=blank_is_unset(click.INT), help="CPU threads per worker without GPUs.")
+@click.option(
+    "--objective",
+    type=blank_is_unset(str),
+    help="What trials are ranked on: a validation metric of fit (val_log_loss, val_roc_auc, ...), or auto (fit's "
+    "--monitor default). With --cv-folds, its mean over the folds. [val_log_loss]",
+)
+@click.option("--cv-folds", type=blank_is_unset(click.INT), help="Score each trial by the mean over K folds.")
+@click.option(
+    "--sampler",
+    type=blank_is_unset(click.Choice(["tpe", "gp", "random"])),
+    help="Optuna sampler: TPE, Gaussian process (few hundred trials at most), random. [tpe]",
+)
+@click.option(
+    "--pruner",
+    type=blank_is_unset(click.Choice(["auto", "none", "median", "hyperband"])),
+    help="Optuna pruner. [auto: hyperband with --budget, else median]",
 )
 @click.option("--seed", type=blank_is_unset(click.INT), help="Sampler seed (worker i uses seed + i). [0]")
 @click.option("--register-as", type=blank_is_unset(str), help="Registered model name for the champion. [study name]")
+@click.option(
+    "--enqueue",
+    type=blank_is_unset(click.Path(exists=True, dir_okay=False, path_type=Path)),
+    help="YAML list of known-good {parameter: value} configurations to try first.",
+)
+@_flag(
+    "--keep-outputs",
+    "Keep each finished or pruned trial's local OUTPUT_DIR/RUN_ID folder (its best.pt and model are in MLflow). "
+    "[false]",
+)
 @click.option(
     "--epochs", type=blank_is_unset(click.INT), help="Epochs per trial (overrides the train section and the space)."
 )
@@ -106,7 +154,7 @@ def main() -> None:
 def search_command(data: Path, config_path: Path | None, epochs: int | None, model: str | None, **options: Any) -> None:
     """Tune training on prepared dataset DATA with an Optuna study; register the best model as `champion`."""
     from classifier.config import SearchConfig, TrainConfig, build_config, load_section
-    from classifier.search import search
+    from classifier.tune.search import search
 
     origin = str(config_path or "command line")
     train = build_config(
@@ -116,7 +164,8 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
     for name, value in {"epochs": epochs, "model": model}.items():
         if value is not None:
             config.space.pop(name, None)  # fixed on the command line: no longer searched
-    result = search(config, train, data)
+    with stopping.on_signals(note="stopping the study: running trials end after their current batch"):
+        result = search(config, train, data)
     best = "no completed trial" if result.best_value is None else f"best {result.metric} {result.best_value:.4f}"
     champion = f"; registered version {result.registered_version} as champion" if result.registered_version else ""
     click.echo(f"study {result.study_name}: {best} {result.best_params}{champion}")
@@ -149,6 +198,12 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
     type=blank_is_unset(click.STRING),
     help=".npz: names of labels 0,1,...; CSV: the only classes allowed (a label may be an index into them).",
 )
+@click.option(
+    "--positive-class",
+    type=blank_is_unset(click.STRING),
+    help="Two classes: the one thresholds, sensitivity and AUC are about. [the one not named normal, healthy, "
+    "benign, negative or no_finding; else the second]",
+)
 @_flag(
     "--multi-label", "CSV source: each label cell lists classes separated by spaces (sigmoid, multi-label training)."
 )
@@ -157,6 +212,20 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
     type=blank_is_unset(click.STRING),
     help="CSV source: stack the files <path>_<name>.<ext> of these 3 or 4 channels, e.g. red,green,blue,yellow.",
 )
+@click.option(
+    "--window",
+    type=blank_is_unset(click.STRING),
+    help="DICOM: window CENTRE,WIDTH (e.g. 40,400) instead of each file's VOI LUT / window.",
+)
+@click.option(
+    "--frame", type=blank_is_unset(click.INT), help="DICOM: frame of multi-frame files (volumes need it). [0]"
+)
+@click.option(
+    "--group-tag",
+    type=blank_is_unset(click.STRING),
+    help="DICOM: keep each value of this tag (e.g. PatientID) in one split; stored as a salted hash.",
+)
+@_flag("--keep-tags", "DICOM: store the --group-tag value itself, not its salted hash (patient identifiers!).")
 @click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Worker processes. [all cores]")
 @_flag("--skip-invalid", "Skip unreadable images (recorded in dataset.json) instead of failing.")
 @_flag("--overwrite", "Replace an OUTPUT prepared from other inputs or settings.")
@@ -164,12 +233,16 @@ def search_command(data: Path, config_path: Path | None, epochs: int | None, mod
 def prepare_command(source: Path, output: Path, config_path: Path | None, **options: Any) -> None:
     """Turn SOURCE (class folders, training/validation/test folders, a CSV or a MedMNIST .npz) into OUTPUT."""
     from classifier.config import PrepareConfig, build_config, load_section
-    from classifier.data.layout import SPLITS
+    from classifier.data.layout import images_per_split, read_manifest
     from classifier.data.prepare import prepare
 
     config = build_config(PrepareConfig, load_section(config_path, "prepare"), options, origin="prepare")
     info = prepare(source, output, config)
-    counts = ", ".join(f"{split} {sum(info.counts[split].values())}" for split in SPLITS if split in info.counts)
+    if any(os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")):  # by the user or `mlflow run`
+        from classifier import tracking  # imports mlflow (seconds): only when there is a run to log to
+
+        tracking.log_prepared_dataset(config.experiment, source, output, dataclasses.asdict(config), info)
+    counts = ", ".join(f"{split} {images}" for split, images in images_per_split(read_manifest(output)).items())
     click.echo(f"{output}: {len(info.classes)} classes, {counts}, {len(info.skipped)} skipped")
 
 
@@ -193,7 +266,28 @@ model_setting_options = [
     ),
     click.option("--device", type=blank_is_unset(click.STRING), help="cpu, cuda or cuda:N. [cuda when available]"),
     click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Threads decoding images. [one per core]"),
+    click.option(
+        "--window",
+        type=blank_is_unset(click.STRING),
+        help="DICOM inputs: window CENTRE,WIDTH. [as prepare read the training data, else each file's own]",
+    ),
+    click.option("--frame", type=blank_is_unset(click.INT), help="DICOM inputs: frame of multi-frame files. [0]"),
 ]
+
+
+def dicom_settings(command: str, window: str | None, frame: int | None) -> dict[str, Any]:
+    """--window C,W and --frame K as the model settings `dicom_window` and `dicom_frame` (None: the model's own)."""
+    from classifier.config import check_dicom_settings
+    from classifier.errors import UserError
+
+    values = None
+    if window is not None:
+        try:
+            values = [float(part) for part in window.split(",")]
+        except ValueError:
+            raise UserError(f"{command}: --window must be CENTRE,WIDTH in numbers, e.g. 40,400; got {window}") from None
+    check_dicom_settings(command, values, frame)
+    return {"dicom_window": values, "dicom_frame": frame}
 
 
 def model_settings(command: Any) -> Any:
@@ -225,10 +319,11 @@ def predict_command(
     PATHS are image files, folders (searched recursively) or CSVs with a `path` column. Writes one row per image:
     path, label, confidence, prob_<class>..., error (why an image could not be read; the others still run).
     """
-    from classifier.predict import predict
+    from classifier.serving.predict import predict
 
     channels = [name for name in (channel_files or "").replace(",", " ").split() if name]
-    predict(model, paths, output or Path("predictions.csv"), channel_files=channels or None, **settings)
+    dicom = dicom_settings("predict", settings.pop("window"), settings.pop("frame"))
+    predict(model, paths, output or Path("predictions.csv"), channel_files=channels or None, **settings, **dicom)
 
 
 @main.command("serve")
@@ -240,10 +335,58 @@ def predict_command(
 )
 @model_settings
 def serve_command(model: str, **options: Any) -> None:
-    """Serve MODEL (a checkpoint file or an MLflow model URI) over HTTP: POST /predict, GET /health, docs at /docs."""
-    from classifier.serve import serve
+    """Serve MODEL (checkpoint file or MLflow model URI) over HTTP: POST /predict, /explain, GET /health, docs /docs."""
+    from classifier.serving.http import serve
 
-    serve(model, **options)
+    dicom = dicom_settings("serve", options.pop("window"), options.pop("frame"))
+    serve(model, **options, **dicom)
+
+
+@main.command("explain")
+@click.argument("model")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=blank_is_unset(click.Path(file_okay=False, path_type=Path)),
+    help="Folder for <stem>.png overlays, <stem>.npy maps and explanations.csv. [explanations]",
+)
+@click.option("--target-class", type=blank_is_unset(str), help="Class to explain. [each image's predicted class]")
+@click.option("--device", type=blank_is_unset(click.STRING), help="cpu, cuda or cuda:N. [cuda when available]")
+@click.option("--window", type=blank_is_unset(click.STRING), help="DICOM inputs: window CENTRE,WIDTH. [the model's]")
+@click.option("--frame", type=blank_is_unset(click.INT), help="DICOM inputs: frame of multi-frame files. [0]")
+def explain_command(
+    model: str,
+    paths: tuple[Path, ...],
+    output: Path | None,
+    window: str | None,
+    frame: int | None,
+    **options: Any,
+) -> None:
+    """Grad-CAM of MODEL on image files or folders PATHS: where it looked for the predicted (or target) class."""
+    from classifier.evaluation.explain import explain
+
+    explain(model, paths, output or Path("explanations"), **options, **dicom_settings("explain", window, frame))
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("--format", "format_", type=_choice("onnx"), default="onnx", help="Portable format.")
+@click.option(
+    "--output",
+    "-o",
+    type=blank_is_unset(click.Path(dir_okay=False, path_type=Path)),
+    help="File to write. [model.onnx]",
+)
+def export_command(model: str, format_: str, output: Path | None) -> None:
+    """Export MODEL (checkpoint, run id or model URI) to ONNX, checked against PyTorch, logged to its run."""
+    from classifier.evaluation.export import TOLERANCE, export
+
+    result = export(model, output or Path("model.onnx"), format_)
+    click.echo(
+        f"{result.path}: onnxruntime matches PyTorch within {result.max_abs_difference:.2e} "
+        f"(tolerance {TOLERANCE:g})" + (f"; logged to run {result.run_id} under export/" if result.run_id else "")
+    )
 
 
 train_options = [
@@ -277,12 +420,37 @@ train_options = [
     _flag("--class-weights", "Weight the loss by inverse class frequency."),
     click.option("--sampler", type=_choice("random", "weighted"), help="weighted: class-balanced batches. [random]"),
     click.option("--label-smoothing", type=blank_is_unset(click.FLOAT), help="Label smoothing in [0, 1). [0]"),
+    click.option("--mixup-alpha", type=blank_is_unset(click.FLOAT), help="Mixup Beta(alpha, alpha); 0 is off. [0]"),
+    click.option("--cutmix-alpha", type=blank_is_unset(click.FLOAT), help="CutMix Beta(alpha, alpha); 0 is off. [0]"),
     click.option(
-        "--target-recall",
-        type=blank_is_unset(click.FLOAT),
-        help="Binary tasks: decision threshold reaching this validation recall (e.g. 0.95). [max F1]",
+        "--mixup-prob", type=blank_is_unset(click.FLOAT), help="Share of batches mixed (mixup or cutmix). [1]"
     ),
-    click.option("--augment", type=_choice("none", "light", "strong"), help="Augmentation recipe. [light]"),
+    click.option(
+        "--ema-decay",
+        type=blank_is_unset(click.FLOAT),
+        help="Validate and keep an EMA of the weights with this decay, e.g. 0.999. [off]",
+    ),
+    click.option("--drop-rate", type=blank_is_unset(click.FLOAT), help="Dropout before the head. [the model's]"),
+    click.option(
+        "--drop-path-rate", type=blank_is_unset(click.FLOAT), help="Stochastic depth (timm models with blocks). [0]"
+    ),
+    click.option(
+        "--threshold-rule",
+        type=blank_is_unset(str),
+        help="How the decision threshold is chosen on validation: max_f1, youden (max sensitivity + specificity), "
+        "balanced (sensitivity = specificity), recall:R or specificity:S, e.g. recall:0.95. [youden]",
+    ),
+    click.option(
+        "--positive-class",
+        type=blank_is_unset(str),
+        help="Binary tasks: the class thresholds, sensitivity and AUC are about. [the dataset's positive class]",
+    ),
+    click.option(
+        "--calibrate",
+        type=_choice("none", "temperature"),
+        help="temperature: fit temperature scaling on validation; the model serves calibrated probabilities. [none]",
+    ),
+    click.option("--augment", type=_choice("none", "light", "strong", "xray"), help="Augmentation recipe. [light]"),
     click.option(
         "--progressive-sizes",
         type=blank_is_unset(str),
@@ -294,7 +462,12 @@ train_options = [
         help="Manifest columns fed to the model beside the image, e.g. age,sex,localization. [none]",
     ),
     click.option("--amp", type=_choice("auto", "bf16", "fp16", "off"), help="Mixed precision (CUDA only). [auto]"),
-    _flag("--channels-last", "Use the channels_last memory format (faster convolutions on GPUs)."),
+    _flag("--channels-last", "Use the channels_last memory format (faster convolutions on GPUs). [on CUDA]"),
+    _flag(
+        "--compile",
+        "torch.compile the network: faster steps on GPUs after a compile of a minute or so (a search can tune it). "
+        "[false]",
+    ),
     click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to train. [auto: cuda if available]"),
     click.option("--seed", type=blank_is_unset(click.INT), help="Seed of weights, batches and augmentation. [42]"),
     click.option("--monitor", type=blank_is_unset(str), help="Metric for best epoch / early stopping. [auto]"),
@@ -305,6 +478,12 @@ train_options = [
         "--output-dir",
         type=blank_is_unset(click.Path(file_okay=False, path_type=Path)),
         help="Where checkpoints are written (OUTPUT_DIR/RUN_ID/{best,last}.pt). [outputs]",
+    ),
+    click.option(
+        "--checkpoint-upload-minutes",
+        type=blank_is_unset(click.FloatRange(0)),
+        help="Copy best.pt and last.pt to the run's artifacts this often while training, so that --resume RUN_ID "
+        "works on another machine; 0 never. [5]",
     ),
     _flag("--system-metrics", "Log CPU/GPU/memory use to the run. [true]"),
 ]
@@ -317,21 +496,6 @@ def with_options(options: list[Any]) -> Any:
         return command
 
     return decorate
-
-
-@contextmanager
-def _stop_on_terminate() -> Iterator[None]:
-    """While training, `kill PID` (or a batch scheduler's SIGTERM) ends the run KILLED and resumable, as Ctrl-C does;
-    the previous handler comes back afterwards (the command may run inside another program)."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_config(config_path: Path | None, options: dict[str, Any]) -> Any:
@@ -348,10 +512,10 @@ def _train_config(config_path: Path | None, options: dict[str, Any]) -> Any:
 @click.option("--run-name", type=blank_is_unset(str), help="MLflow run name.")
 def train_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
     """Train a classifier on prepared dataset DATA in one MLflow run (running it again resumes a killed run)."""
-    from classifier.train import fit
+    from classifier.learn.train import fit
 
     config = _train_config(config_path, options)
-    with _stop_on_terminate():
+    with stopping.on_signals():  # Ctrl-C or `kill PID`: the run ends KILLED between two batches, resumable
         result = fit(config, data, run_name=run_name)
     scores = ", ".join(f"{key} {value:.4f}" for key, value in result.best_metrics.items() if key.startswith("val_"))
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}: {scores}")
@@ -365,13 +529,14 @@ def train_command(data: Path, config_path: Path | None, run_name: str | None, **
 @click.option("--run-name", type=blank_is_unset(str), help="MLflow name of the parent run.")
 def cv_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
     """Cross-validate on the folds of DATA: a parent run with one nested run per fold, mean and std of each metric."""
-    from classifier.cv import cross_validate
+    from classifier.learn.cv import cross_validate
 
     config = _train_config(config_path, options)
-    with _stop_on_terminate():
+    with stopping.on_signals():
         result = cross_validate(config, data, run_name=run_name)
+    click.echo(f"each fold's best epoch, mean ± std over {len(result.fold_run_ids)} folds:")
     for key in sorted(result.mean):
-        click.echo(f"{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")
+        click.echo(f"best_{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")
     click.echo(f"parent run {result.run_id}")
 
 
@@ -389,13 +554,18 @@ def cv_command(data: Path, config_path: Path | None, run_name: str | None, **opt
 def evaluate_command(model: str, data: Path, config_path: Path | None, **options: Any) -> None:
     """Score MODEL (a checkpoint, a run id, or an MLflow model URI) on a split of DATA; log metrics and plots."""
     from classifier.config import EvaluateConfig, build_config, load_section
-    from classifier.evaluate import evaluate
+    from classifier.evaluation.evaluate import evaluate
 
     config = build_config(EvaluateConfig, load_section(config_path, "evaluate"), options, origin="evaluate")
     result = evaluate(config, model, data)
     for key, value in result.metrics.items():
         interval = result.intervals.get(key)
         click.echo(f"{key}: {value:.4f}" + (f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""))
+    if result.absent:
+        click.echo(
+            f"no {config.split} images of {', '.join(result.absent)}: left out of the averages (not scored 0), "
+            "their per-class scores nan"
+        )
     click.echo(f"run {result.run_id}")
 
 
@@ -415,13 +585,14 @@ def evaluate_command(model: str, data: Path, config_path: Path | None, **options
 def embed_command(model: str, data: Path, config_path: Path | None, **options: Any) -> None:
     """Log MODEL's penultimate-layer embeddings of a split of DATA and a t-SNE plot of them, coloured by class."""
     from classifier.config import EmbedConfig, build_config, load_section
-    from classifier.embed import ARTIFACTS, embed
+    from classifier.evaluation.embed import ARTIFACTS, embed
 
     config = build_config(EmbedConfig, load_section(config_path, "embed"), options, origin="embed")
     result = embed(config, model, data)
+    silhouette = "" if result.silhouette is None else f", silhouette {result.silhouette:.3f} by class"
     click.echo(
         f"{len(result.paths)} {config.split} images embedded ({result.embeddings.shape[1]} features), "
-        f"{len(result.rows)} mapped by t-SNE"
+        f"{len(result.rows)} mapped by t-SNE{silhouette}"
     )
     click.echo(
         f"run {result.run_id}: {ARTIFACTS}/embeddings.npz, embeddings.csv, tsne.png "
@@ -442,9 +613,9 @@ def embed_command(model: str, data: Path, config_path: Path | None, **options: A
 )
 @click.option("--split", type=_choice("training", "validation", "test"), help="Split to score on. [test]")
 @click.option(
-    "--target-recall",
-    type=blank_is_unset(click.FLOAT),
-    help="Binary tasks: threshold reaching this validation recall. [the members' own, else max F1]",
+    "--threshold-rule",
+    type=blank_is_unset(str),
+    help="max_f1, youden, balanced, recall:R or specificity:S. [the members' own, else youden]",
 )
 @click.option("--register-as", type=blank_is_unset(str), help="Register the ensemble as a version of this model.")
 @click.option("--batch-size", type=blank_is_unset(click.INT), help="Images per forward pass. [256]")
@@ -453,7 +624,7 @@ def embed_command(model: str, data: Path, config_path: Path | None, **options: A
 def ensemble_command(data: Path, config_path: Path | None, **options: Any) -> None:
     """Average the probabilities of a study's top trials (or given runs) into one model; score them all on DATA."""
     from classifier.config import EnsembleConfig, build_config, load_section
-    from classifier.ensembling import build_ensemble
+    from classifier.tune.ensemble import build_ensemble
 
     config = build_config(EnsembleConfig, load_section(config_path, "ensemble"), options, origin="ensemble")
     result = build_ensemble(config, data)

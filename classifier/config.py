@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from classifier.data.images import RESIZE_MODES
 from classifier.errors import UserError
+
+RESIZE_MODES = ("stretch", "pad", "crop")  # how prepare fits an image to --size
 
 Config = TypeVar("Config")
 
@@ -33,8 +35,13 @@ class PrepareConfig:
     label_column: str = "label"
     group_column: str | None = None
     class_names: list[str] | None = None
+    positive_class: str | None = None
     multi_label: bool = False
     channel_files: list[str] | None = None
+    window: list[float] | None = None
+    frame: int | None = None
+    group_tag: str | None = None
+    keep_tags: bool = False
     workers: int | None = None
     skip_invalid: bool = False
     overwrite: bool = False
@@ -59,6 +66,12 @@ class PrepareConfig:
             raise UserError(f"prepare: option 'folds' must be at least 2, got {self.folds}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"prepare: option 'workers' must be at least 1, got {self.workers}")
+        check_dicom_settings("prepare", self.window, self.frame)
+        if self.group_tag is not None and self.group_column is not None:
+            raise UserError("prepare: pass either 'group_column' (a CSV column) or 'group_tag' (a DICOM tag), not both")
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            repeated = sorted({name for name in self.class_names if self.class_names.count(name) > 1})
+            raise UserError(f"prepare: option 'class_names' names {', '.join(repeated)} more than once")
         if self.channel_files is not None and len(self.channel_files) not in (3, 4):
             raise UserError(
                 f"prepare: option 'channel_files' must name 3 or 4 channels (e.g. red,green,blue,yellow), "
@@ -68,6 +81,58 @@ class PrepareConfig:
     @property
     def split_fractions(self) -> dict[str, float]:
         return dict(zip(("training", "validation", "test"), self.fractions, strict=True))
+
+
+THRESHOLD_RULE_NAMES = ("max_f1", "youden", "balanced", "recall", "specificity")
+DEFAULT_THRESHOLD_RULE = "youden"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule:
+    """How a binary (or per-class multi-label) decision threshold is chosen on validation probabilities: `max_f1`,
+    `youden` (maximum sensitivity + specificity), `balanced` (sensitivity = specificity), `recall:R` (the most
+    precise threshold reaching recall R) or `specificity:S` (the most sensitive one reaching specificity S)."""
+
+    name: str
+    target: float | None = None
+
+    @classmethod
+    def parse(cls, text: str, where: str = "option 'threshold_rule'") -> ThresholdRule:
+        name, _, target = str(text).strip().partition(":")
+        usage = "use max_f1, youden, balanced, recall:R or specificity:S (e.g. recall:0.95)"
+        if name not in THRESHOLD_RULE_NAMES or bool(target) != (name in ("recall", "specificity")):
+            raise UserError(f"{where}: unknown threshold rule {text!r}; {usage}")
+        if not target:
+            return cls(name)
+        try:
+            value = float(target)
+        except ValueError:
+            raise UserError(f"{where}: {text!r} needs a number after '{name}:'; {usage}") from None
+        if not 0 < value <= 1:
+            raise UserError(f"{where}: {name} in {text!r} must be in (0, 1], e.g. {name}:0.95")
+        return cls(name, value)
+
+    def __str__(self) -> str:
+        return self.name if self.target is None else f"{self.name}:{self.target:g}"
+
+    def describe(self) -> str:
+        """The rule in words, as the served model's `rule` column shows it."""
+        words = {
+            "max_f1": "max F1",
+            "youden": "max sensitivity + specificity",
+            "balanced": "sensitivity = specificity",
+        }
+        return words.get(self.name) or f"{self.name} {self.target:g}"
+
+
+def check_dicom_settings(command: str, window: list[float] | None, frame: int | None) -> None:
+    """A DICOM window is a centre and a width above 0; a frame index is 0 or more."""
+    if window is not None and (len(window) != 2 or window[1] <= 0):
+        raise UserError(
+            f"{command}: option 'window' must be CENTRE,WIDTH, the width above 0 (e.g. 40,400); got {window}"
+        )
+    if frame is not None and frame < 0:
+        raise UserError(f"{command}: option 'frame' must be 0 or more (the first frame is 0), got {frame}")
 
 
 def load_section(path: Path | None, section: str) -> dict[str, Any]:
@@ -150,8 +215,22 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
         raise UserError(f"{what} must be of type {name}, got {value!r}") from error
 
 
-SEARCH_SAMPLERS = ("tpe", "random")
-PRUNERS = ("none", "median", "hyperband")
+SEARCH_SAMPLERS = ("tpe", "gp", "random")
+PRUNERS = ("auto", "none", "median", "hyperband")
+REFITS = ("auto", "none", "folds")
+DEFAULT_TRIALS = 20  # a study's size when neither --n-trials nor --budget says otherwise
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, where: str) -> float:
+    """Seconds in a duration such as `1h`, `90m`, `2h30m` or `45s` (a bare number is seconds)."""
+    text = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)([smhd]))+|\d+(?:\.\d+)?", text)
+    if not parts:
+        raise UserError(f"{where}: {text!r} is not a duration; write e.g. 1h, 90m, 2h30m or 45s")
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    return sum(float(value) * DURATION_UNITS[unit] for value, unit in re.findall(r"(\d+(?:\.\d+)?)([smhd])", text))
 
 
 def default_search_space() -> dict[str, Any]:
@@ -170,14 +249,16 @@ class SearchConfig:
 
     study_name: str | None = None
     storage: str | None = None
-    n_trials: int = 20
+    n_trials: int | None = None
     timeout: float | None = None
-    n_workers: int = 1
+    budget: str | None = None
+    n_workers: int | str = 1  # or auto: one per visible GPU, else one per threads_per_worker (2) cores
     threads_per_worker: int | None = None
-    metric: str = "auto"
+    objective: str = "val_log_loss"
     cv_folds: int | None = None
+    refit: str = "auto"
     sampler: str = "tpe"
-    pruner: str = "median"
+    pruner: str = "auto"
     startup_trials: int = 3
     prune_warmup_epochs: int = 1
     seed: int = 0
@@ -185,12 +266,18 @@ class SearchConfig:
     grace_period: int | None = None
     max_retry: int = 2
     register_as: str | None = None
+    enqueue: Path | None = None
+    keep_outputs: bool = False
     space: dict[str, Any] = dataclasses.field(default_factory=default_search_space)
 
     def validate(self) -> None:
+        if isinstance(self.n_workers, str) and self.n_workers != "auto":
+            raise UserError(f"search: option 'n_workers' must be a number or auto, got {self.n_workers!r}")
         for name in ("n_trials", "n_workers", "heartbeat_interval", "startup_trials", "max_retry"):
+            if getattr(self, name) == "auto":
+                continue
             minimum = 0 if name in ("startup_trials", "max_retry") else 1
-            if getattr(self, name) < minimum:
+            if getattr(self, name) is not None and getattr(self, name) < minimum:
                 raise UserError(f"search: option '{name}' must be >= {minimum}, got {getattr(self, name)}")
         for name in ("timeout", "threads_per_worker", "cv_folds", "grace_period"):
             value = getattr(self, name)
@@ -200,15 +287,46 @@ class SearchConfig:
             raise UserError(f"search: unknown sampler '{self.sampler}'; use one of {', '.join(SEARCH_SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise UserError(f"search: unknown pruner '{self.pruner}'; use one of {', '.join(PRUNERS)}")
+        if self.refit not in REFITS:
+            raise UserError(f"search: unknown refit '{self.refit}'; use one of {', '.join(REFITS)}")
+        if self.refit == "folds" and not self.cv_folds:
+            raise UserError("search: refit 'folds' ensembles the best trial's fold models; set --cv-folds K too")
+        if self.budget is not None and self.budget_seconds <= 0:
+            raise UserError(f"search: option 'budget' must be above 0, got {self.budget}")
         if not isinstance(self.space, dict) or not self.space:
             raise UserError("search: 'space' must be a non-empty mapping of parameter: {type, ...}")
+
+    @property
+    def budget_seconds(self) -> float | None:
+        """The wall time of the whole search (trials, refit, registration), from `budget`."""
+        return None if self.budget is None else parse_duration(self.budget, "search: option 'budget'")
+
+    @property
+    def trial_limit(self) -> int | None:
+        """Trials in the study in total: `n_trials`; with a budget and no `n_trials`, as many as it allows."""
+        if self.n_trials is not None:
+            return self.n_trials
+        return None if self.budget is not None else DEFAULT_TRIALS
+
+    @property
+    def refits_folds(self) -> bool:
+        """Whether the champion is the best configuration's fold models as one ensemble (`auto`: with --cv-folds)."""
+        return self.refit == "folds" or (self.refit == "auto" and bool(self.cv_folds))
+
+    @property
+    def pruner_name(self) -> str:
+        """`auto`: Hyperband (ASHA-like successive halving over epochs) under a budget, else the median rule."""
+        if self.pruner != "auto":
+            return self.pruner
+        return "hyperband" if self.budget is not None else "median"
 
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 LOSSES = ("cross_entropy", "focal")
+CALIBRATIONS = ("none", "temperature")
 TRAIN_SAMPLERS = ("random", "weighted")
-AUGMENTATIONS = ("none", "light", "strong")
+AUGMENTATIONS = ("none", "light", "strong", "xray")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_MODES = ("auto", "memory", "memmap")
@@ -240,12 +358,21 @@ class TrainConfig:
     class_weights: bool = False
     sampler: str = "random"
     label_smoothing: float = 0.0
-    target_recall: float | None = None
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    ema_decay: float | None = None
+    drop_rate: float | None = None
+    drop_path_rate: float = 0.0
+    positive_class: str | None = None
+    calibrate: str = "none"
     augment: str = "light"
     progressive_sizes: list[int] | None = None
     metadata: list[str] | None = None
     amp: str = "auto"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on CUDA
+    compile: bool = False
     device: str = "auto"
     seed: int = 42
     monitor: str = "auto"
@@ -253,6 +380,7 @@ class TrainConfig:
     cache: str = "auto"
     num_workers: int | None = None
     output_dir: Path = Path("outputs")
+    checkpoint_upload_minutes: float = 5.0  # best.pt + last.pt to the artifact store while training; 0: never
     resume: str | None = None
     system_metrics: bool = True
 
@@ -263,15 +391,23 @@ class TrainConfig:
         for name in ("lr", "backbone_lr_scale", "gamma"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train: option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "momentum", "warmup_epochs", "freeze_epochs", "patience", "focal_gamma"):
+        for name in (
+            "weight_decay",
+            "momentum",
+            "warmup_epochs",
+            "freeze_epochs",
+            "patience",
+            "focal_gamma",
+            "checkpoint_upload_minutes",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"train: option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.num_workers is not None and self.num_workers < 0:
             raise UserError(f"train: option 'num_workers' must be >= 0, got {self.num_workers}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"train: option 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
-        if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise UserError(f"train: option 'target_recall' must be in (0, 1], e.g. 0.95, got {self.target_recall}")
+        ThresholdRule.parse(self.threshold_rule, "train: option 'threshold_rule'")
+        self._validate_regularisation()
         if self.progressive_sizes is not None and (
             not self.progressive_sizes or min(self.progressive_sizes) < 8 or len(self.progressive_sizes) > self.epochs
         ):
@@ -290,12 +426,34 @@ class TrainConfig:
             "amp": AMP_MODES,
             "device": DEVICES,
             "cache": CACHE_MODES,
+            "calibrate": CALIBRATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"train: unknown {name} '{getattr(self, name)}'; use one of {', '.join(allowed)}")
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"train: weights file {self.weights} does not exist; pass the path of a saved state_dict")
+
+    def _validate_regularisation(self) -> None:
+        """Mixup/cutmix, weight EMA, dropout and stochastic depth: each option's range, in one line."""
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train: option '{name}' must be >= 0 (0 is off), got {getattr(self, name)}")
+        if not 0 <= self.mixup_prob <= 1:
+            raise UserError(f"train: option 'mixup_prob' must be in [0, 1], got {self.mixup_prob}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"train: option 'ema_decay' must be in (0, 1), e.g. 0.999, got {self.ema_decay}")
+        for name in ("drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise UserError(f"train: option '{name}' must be in [0, 1), got {value}")
+        if self.mixes and self.metadata:
+            raise UserError("train: options 'mixup_alpha'/'cutmix_alpha' mix images only; leave them 0 with 'metadata'")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or cutmix)."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mixup_prob > 0
 
 
 @dataclasses.dataclass
@@ -356,7 +514,7 @@ class EnsembleConfig:
     top_k: int = 3
     runs: list[str] | None = None
     split: str = "test"
-    target_recall: float | None = None
+    threshold_rule: str | None = None
     register_as: str | None = None
     batch_size: int = 256
     device: str = "auto"
@@ -372,8 +530,8 @@ class EnsembleConfig:
             raise UserError("ensemble: --runs names a run twice; pass each member once")
         if self.split not in ("training", "validation", "test"):
             raise UserError(f"ensemble: unknown split '{self.split}'; use training, validation or test")
-        if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise UserError(f"ensemble: option 'target_recall' must be in (0, 1], e.g. 0.95, got {self.target_recall}")
+        if self.threshold_rule is not None:
+            ThresholdRule.parse(self.threshold_rule, "ensemble: option 'threshold_rule'")
         if self.batch_size < 1:
             raise UserError(f"ensemble: option 'batch_size' must be >= 1, got {self.batch_size}")
         if self.device not in DEVICES:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,14 +15,18 @@ from typing import Any
 
 import mlflow
 import requests
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from optuna import TrialPruned
 
-from classifier.data.layout import INFO_FILE, MANIFEST_FILE, DatasetInfo, read_manifest
+from classifier.console import verbose
+from classifier.data.layout import INFO_FILE, MANIFEST_FILE, DatasetInfo, images_per_split, read_manifest
 from classifier.errors import UserError
 
 DEFAULT_DATABASE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 REACHABLE_TIMEOUT_S = 5
+FAILURE_TAG = "classifier.failure"  # why a FAILED run failed, one line
 
 
 def tracking_uri() -> str:
@@ -35,14 +42,34 @@ def connect() -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=REACHABLE_TIMEOUT_S).raise_for_status()
+            signed_in = requests.get(
+                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                auth=_credentials(),
+                timeout=REACHABLE_TIMEOUT_S,
+            )
         except requests.RequestException as error:
             raise UserError(
                 f"MLFLOW_TRACKING_URI={uri}: tracking server unreachable ({type(error).__name__}); "
                 "start it or unset MLFLOW_TRACKING_URI to track locally"
             ) from error
+        if signed_in.status_code in (401, 403):
+            raise UserError(
+                f"MLFLOW_TRACKING_URI={uri}: the tracking server refuses these credentials ({signed_in.status_code}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of its basic-auth"
+            )
+    # Batch queued metrics for up to a second: ending a run then takes ~0.1 s, not the ~1 s that the unbuffered
+    # queue's blocking read holds up every flush and end_run (measured in bench/tracking_bench.py).
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     mlflow.set_tracking_uri(uri)
     mlflow.config.enable_async_logging(True)
     return uri
+
+
+def _credentials() -> tuple[str, str] | None:
+    """The basic-auth user MLflow's client signs in with (MLFLOW_TRACKING_USERNAME / _PASSWORD), if any."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password or "") if user else None
 
 
 def experiment_id(name: str) -> str:
@@ -72,27 +99,40 @@ def start_run(
     system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume `run_id`, or join the run `mlflow run` made) and end it as FINISHED, FAILED or KILLED."""
-    if run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
+    joined = run_id is None and parent_run_id is None and bool(os.environ.get("MLFLOW_RUN_ID"))
+    if joined:
         # Join the run `mlflow run` made; drop the variable so nested runs are not redirected to it (mlflow #15713).
         run_id = os.environ.pop("MLFLOW_RUN_ID")
+    if system_metrics and not verbose():  # "Started/Stopping system metrics monitoring" on every run: INFO noise
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     kwargs: dict[str, Any] = {"run_id": run_id, "log_system_metrics": system_metrics or None}
     if run_id is None:
         kwargs.update(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags)
         if parent_run_id is not None:
             kwargs.update(parent_run_id=parent_run_id, nested=True)
     run = mlflow.start_run(**kwargs)
+    if joined and run_name:  # `mlflow run` names its run like `worried-sheep-206`: say what the command is
+        mlflow.set_tag("mlflow.runName", run_name)
     try:
         yield run
     except (KeyboardInterrupt, TrialPruned):
         mlflow.flush_async_logging()
         mlflow.end_run("KILLED")
         raise
-    except BaseException:
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # best effort: the store itself may be what failed
+            mlflow.set_tag(FAILURE_TAG, failure_reason(error))
         mlflow.flush_async_logging()
         mlflow.end_run("FAILED")
         raise
     mlflow.flush_async_logging()
     mlflow.end_run("FINISHED")
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying what went wrong: the error's type and the first line of its message."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}"[:500]
 
 
 def log_prepared_dataset(experiment: str, source: Path, output: Path, params: dict[str, Any], info: DatasetInfo) -> str:
@@ -103,16 +143,20 @@ def log_prepared_dataset(experiment: str, source: Path, output: Path, params: di
         settings = {key: value for key, value in params.items() if key != "experiment"}
         settings.update(source=source, output=output, fingerprint=info.fingerprint)
         log_params(settings)
-        counts = {f"images_{split}": sum(per_class.values()) for split, per_class in info.counts.items()}
-        for split, per_class in info.counts.items():
+        table = read_manifest(output)
+        counts = {f"images_{split}": images for split, images in images_per_split(table).items()}
+        for split, per_class in info.counts.items():  # multi-label: images holding the class
             counts.update({_metric_name(f"images_{split}_{label}"): n for label, n in per_class.items()})
         mlflow.log_metrics({**counts, "images_skipped": len(info.skipped)})
         mlflow.log_artifact(str(output / MANIFEST_FILE), "dataset")
         mlflow.log_artifact(str(output / INFO_FILE), "dataset")
-        manifest = mlflow.data.from_pandas(
-            read_manifest(output), source=str(output.resolve()), targets="label", name=output.name
-        )
-        mlflow.log_input(manifest, context="prepare")
+        # An explicit source: a path string matches two registered local sources, and MLflow warns that it is ambiguous
+        location = LocalArtifactDatasetSource(str(output.resolve()))
+        with warnings.catch_warnings():
+            if not verbose():  # the fold column is an integer one; nobody infers a model schema from the manifest
+                warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            manifest = mlflow.data.from_pandas(table, source=location, targets="label", name=output.name)
+            mlflow.log_input(manifest, context="prepare")
     return run.info.run_id
 
 
@@ -124,14 +168,29 @@ def _metric_name(name: str) -> str:
 CHAMPION_ALIAS = "champion"
 
 
-def end_orphan_runs(experiment: str, tags: dict[str, str], status: str = "FAILED") -> list[str]:
-    """End the RUNNING runs of `experiment` carrying all `tags` (a dead worker's trial); return their ids."""
-    client = mlflow.MlflowClient()
+END_REASON_TAG = "classifier.end_reason"
+
+
+def running_runs(experiment: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the RUNNING runs of `experiment` carrying all `tags`."""
     conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"]
-    runs = client.search_runs([experiment], filter_string=" and ".join(conditions))
-    for run in runs:
-        client.set_terminated(run.info.run_id, status)
-    return [run.info.run_id for run in runs]
+    runs = mlflow.MlflowClient().search_runs([experiment], filter_string=" and ".join(conditions))
+    return [(run.info.run_id, run.data.tags) for run in runs]
+
+
+def end_runs(run_ids: list[str], reason: str, status: str = "FAILED") -> None:
+    """End runs nobody will end (their process died) as `status`, the tag `classifier.end_reason` saying why."""
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        client.set_tag(run_id, END_REASON_TAG, reason)
+        client.set_terminated(run_id, status)
+
+
+def end_orphan_runs(experiment: str, tags: dict[str, str], reason: str, status: str = "FAILED") -> list[str]:
+    """End the RUNNING runs of `experiment` carrying all `tags` (a dead worker's trial); return their ids."""
+    run_ids = [run_id for run_id, _ in running_runs(experiment, tags)]
+    end_runs(run_ids, reason, status)
+    return run_ids
 
 
 def log_summary(run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, Any]) -> None:
@@ -191,9 +250,17 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.set_tags(differing, synchronous=False)
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
-    """Queue metrics for the active run (or `run_id`) as one asynchronous batch."""
-    mlflow.log_metrics(metrics, step=step, run_id=run_id, synchronous=False)
+def log_metrics(
+    metrics: dict[str, float], step: int | None = None, run_id: str | None = None, model_id: str | None = None
+) -> None:
+    """Queue metrics for the active run (or `run_id`) as one asynchronous batch; with `model_id`, linked to that
+    LoggedModel too, so that the UI's Models view (and `mlflow.search_logged_models`) ranks models by them."""
+    mlflow.log_metrics(metrics, step=step, run_id=run_id, model_id=model_id, synchronous=False)
+
+
+def flush() -> None:
+    """Wait until every queued asynchronous metric, param and tag is stored."""
+    mlflow.flush_async_logging()
 
 
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
@@ -203,6 +270,11 @@ def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
 
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
+
+
+def active_run_name() -> str:
+    """The active run's name (given, or the one MLflow made up), as the UI lists it."""
+    return mlflow.active_run().info.run_name
 
 
 def run_info(run_id: str) -> tuple[str, str, dict[str, str]]:
@@ -241,3 +313,37 @@ def download_model(model_uri: str, destination: Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise UserError(f"{model_uri}: cannot fetch the model ({str(error).splitlines()[0][:200]})") from error
+
+
+def model_run_id(model_uri: str) -> str | None:
+    """The run that logged the model at `model_uri` (runs:/..., models:/NAME@ALIAS, models:/NAME/VERSION)."""
+    try:
+        return mlflow.models.get_model_info(model_uri).run_id
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise UserError(f"{model_uri}: cannot find the model's run ({str(error).splitlines()[0][:200]})") from error
+
+
+def log_artifact_to_run(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Upload one file to `run_id` (finished or not) under `artifact_path`."""
+    mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def try_log_artifacts(run_id: str, paths: list[Path], artifact_path: str) -> str | None:
+    """Upload `paths` to `run_id` under `artifact_path`; None, or why the store refused (the caller goes on)."""
+    try:
+        for path in paths:
+            mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    except (mlflow.exceptions.MlflowException, OSError, requests.RequestException) as error:
+        return str(error).splitlines()[0][:200]
+    return None
+
+
+def try_delete_artifact(run_id: str, path: str) -> str | None:
+    """Remove artifact `path` (a file or folder) of `run_id` from the artifact store (nothing when it is not there);
+    None, or why the store refused."""
+    try:
+        artifact_uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+        get_artifact_repository(artifact_uri).delete_artifacts(path)
+    except (mlflow.exceptions.MlflowException, OSError, requests.RequestException) as error:
+        return str(error).splitlines()[0][:200]
+    return None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist_trainval.npz"
+TRACKING_STORE = "mlflow.db"
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40)]
 
 
@@ -53,10 +57,25 @@ def image_folder(tmp_path: Path) -> Path:
     return write_class_folders(tmp_path / "images", {"benign": 20, "malignant": 20})
 
 
+@pytest.fixture(scope="session")
+def tracking_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One empty SQLite tracking store with MLflow's schema, copied for each test (migrating takes a second or two)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("tracking") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "mlruns")).engine.dispose()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test tracks into its own SQLite store and never inherits a run from the environment."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_template: Path) -> str:
+    """Every test tracks into its own SQLite store, `tmp_path/mlflow.db` (the default journal goes beside it), and
+    never inherits a run from the environment."""
+    store = tmp_path / TRACKING_STORE
+    shutil.copyfile(tracking_template, store)
+    with contextlib.closing(sqlite3.connect(store)) as database, database:  # the Default experiment's artifacts here
+        database.execute("UPDATE experiments SET artifact_location = ?", (str(tmp_path / "mlruns" / "0"),))
+    uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
@@ -65,6 +84,34 @@ def isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     # A URI set in-process (tracking.connect() in an earlier test) outranks the variable: point it here too.
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@pytest.fixture(scope="module")
+def grey_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes of 20 grey 16 px images, prepared (60/20/20), shared by a module's tests."""
+    from prepared import prepared_dataset  # not at the top: prepared imports this module
+
+    return prepared_dataset(tmp_path_factory.mktemp("grey"), {"benign": 20, "malignant": 20}, mode="L")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Decoded-image caches go to the test's folder, never the user's cache folder."""
+    monkeypatch.setenv("CLASSIFIER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def written(folder: Path) -> list[str]:
+    """The names in `folder`, but for the test's tracking store (see tracked_nothing)."""
+    return sorted(path.name for path in folder.iterdir() if path.name != TRACKING_STORE)
+
+
+def tracked_nothing() -> bool:
+    """Whether the test's tracking store holds no run and no experiment but MLflow's Default."""
+    import mlflow
+
+    experiments = [experiment.name for experiment in mlflow.search_experiments()]
+    return experiments == ["Default"] and not mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
 def free_port() -> int:
@@ -151,7 +198,7 @@ def write_checkpoint(
     """A checkpoint of an untrained simple_cnn, as training writes it (plus resume-only optimizer state)."""
     import torch
 
-    from classifier.models import create_model
+    from classifier.nets.models import create_model
 
     torch.manual_seed(0)
     network = create_model("simple_cnn", len(classes), channels)
@@ -189,3 +236,35 @@ def experiment(tmp_path: Path) -> str:
     import mlflow
 
     return mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+
+
+def metric_steps(run_id: str, metric: str = "val_loss") -> list[int]:
+    """The steps a run logged `metric` at, sorted."""
+    import mlflow
+
+    return sorted(entry.step for entry in mlflow.MlflowClient().get_metric_history(run_id, metric))
+
+
+def run_status(run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id).info.status
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen | None = None, what: str = "condition") -> None:
+    """Poll `condition()` until true; fail after `timeout` s or when `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.02)
+
+
+def train_command(data: Path, output: Path, epochs: int) -> list[str]:
+    """`classifier train` of this environment on `data`, tiny and quick, checkpoints under `output`."""
+    command = [str(Path(sys.executable).with_name("classifier")), "train", str(data), "--epochs", str(epochs)]
+    command += ["--batch-size", "8", "--augment", "none", "--system-metrics", "false", "--num-workers", "0"]
+    return command + ["--output-dir", str(output)]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from conftest import write_class_folders
 
-from classifier.config import PrepareConfig
-from classifier.data.prepare import TRACKING_VARIABLES, prepare
+from classifier.config import PrepareConfig, TrainConfig
+from classifier.data.prepare import prepare
 
 
 def prepared_dataset(
@@ -21,8 +20,11 @@ def prepared_dataset(
 ) -> Path:
     """Write `counts[class]` generated images and prepare them at `size` px into `root/prepared`."""
     images = write_class_folders(root / "images", counts, size=(size, size), mode=mode)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in TRACKING_VARIABLES:  # preparing is not what these tests track
-            patch.delenv(name, raising=False)
-        prepare(images, root / "prepared", PrepareConfig(size=size, folds=folds, fractions=list(fractions)))
+    prepare(images, root / "prepared", PrepareConfig(size=size, folds=folds, fractions=list(fractions)))
     return root / "prepared"
+
+
+def tiny_train_config(tmp_path: Path, **options) -> TrainConfig:
+    """Three quick epochs on a tiny dataset, checkpoints in `tmp_path/outputs`; `options` override."""
+    values = dict(epochs=3, batch_size=8, lr=3e-3, augment="none", system_metrics=False, num_workers=0)
+    return TrainConfig(**{**values, "output_dir": tmp_path / "outputs", **options})

@@ -69,3 +69,48 @@ def test_worker_reserves_a_gpu_and_can_be_scaled():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "container_name" not in worker and "ports" not in worker  # both would break --scale worker=N
+
+
+TEXT = (REPO / "docker-compose.yml").read_text()
+VARIABLE = re.compile(r"\$\{(\w+)(:?[?-])?([^}]*)\}")
+EXAMPLE = dict(
+    line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines() if line and line[0] != "#"
+)
+
+
+def test_no_secret_has_a_default_and_compose_refuses_to_start_without_one():
+    assert "minioadmin" not in TEXT and "classifier:classifier" not in TEXT
+    used = {(name, mode) for name, mode, _ in VARIABLE.findall(TEXT)}
+    required = {name for name, mode in used if mode == ":?"}
+    assert {name for name, _ in used} - required == {"MLFLOW_PORT"}  # the only default: where MLflow is published
+    assert required == {
+        "POSTGRES_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }
+    assert required <= set(EXAMPLE) and not any(EXAMPLE[name] for name in required)  # shipped empty
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+
+
+def test_databases_stay_on_the_compose_network_and_mlflow_on_loopback_by_default():
+    assert "ports" not in SERVICES["postgres"] and "ports" not in SERVICES["minio"]
+    (published,) = SERVICES["mlflow"]["ports"]
+    assert published.startswith("${MLFLOW_PORT:-127.0.0.1:5000}:")
+
+
+def test_the_tracking_server_runs_basic_auth_and_workers_sign_in():
+    arguments = command("mlflow")
+    assert option(arguments, "--app-name") == "basic-auth"
+    environment = SERVICES["mlflow"]["environment"]
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert name in environment
+    config = environment["MLFLOW_AUTH_CONFIG_PATH"]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in SERVICES["mlflow"]["volumes"]}
+    assert (REPO / mounted[config]).is_file() and "database_uri = sqlite:////auth/" in (
+        REPO / mounted[config]
+    ).read_text()
+    assert set(SERVICES["worker"]["environment"]) >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert "mlflow[auth]" in (REPO / "pyproject.toml").read_text()  # the image's server needs Flask-WTF

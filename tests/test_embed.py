@@ -20,9 +20,9 @@ from classifier.config import EmbedConfig, TrainConfig
 from classifier.data.dataset import load_split
 from classifier.data.layout import read_manifest
 from classifier.data.transforms import Normalise
-from classifier.embed import embed, embed_batch, stratified_sample
-from classifier.models import create_model, model_from_checkpoint
-from classifier.train import fit
+from classifier.evaluation.embed import embed, embed_batch, stratified_sample
+from classifier.learn.train import fit
+from classifier.nets.models import create_model, model_from_checkpoint
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from classifier.cli import main
 from classifier.config import EnsembleConfig, EvaluateConfig, SearchConfig, TrainConfig
 from classifier.data.dataset import load_split
 from classifier.data.transforms import Normalise, image_to_tensor
-from classifier.ensemble import Ensemble
-from classifier.ensembling import build_ensemble
-from classifier.evaluate import evaluate
-from classifier.metrics import classification_metrics
-from classifier.models import create_model, model_from_checkpoint
-from classifier.search import search
-from classifier.threshold import choose_threshold
+from classifier.evaluation.evaluate import evaluate
+from classifier.measure.metrics import classification_metrics
+from classifier.measure.threshold import choose_threshold
+from classifier.nets.ensemble import Ensemble
+from classifier.nets.models import create_model, model_from_checkpoint
+from classifier.tune.ensemble import build_ensemble
+from classifier.tune.search import search
 
 CLASSES = ["benign", "malignant"]
 PROBABILITIES = [f"prob_{name}" for name in CLASSES]
@@ -61,10 +61,11 @@ def test_study_ensemble_is_scored_beside_its_members_logged_and_registered(tmp_p
     )
     space = {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
     search(SearchConfig(study_name="s", storage=journal, n_trials=3, pruner="none", space=space), train, data)
-    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(journal)
-    ))
-    ranked = sorted(study.trials, key=lambda trial: trial.value, reverse=True)
+    study = optuna.load_study(
+        study_name="s", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    )
+    maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(study.trials, key=lambda trial: trial.value, reverse=maximise)
     run_ids = [trial.user_attrs["mlflow_run_id"] for trial in ranked]
 
     result = build_ensemble(EnsembleConfig(study="s", storage=journal, register_as="tumour-ensemble"), data)
@@ -73,7 +74,15 @@ def test_study_ensemble_is_scored_beside_its_members_logged_and_registered(tmp_p
     assert list(result.table["model"]) == ["ensemble", "member0", "member1", "member2"]
     assert list(result.table["source"])[1:] == run_ids
     assert list(result.table["trial"])[1:] == [str(trial.number) for trial in ranked]
-    checkpoints = [torch.load(tmp_path / "out" / run_id / "best.pt", weights_only=True) for run_id in run_ids]
+    # A search keeps no local trial folders: each member's weights are the best checkpoint its run logged.
+    assert not any((tmp_path / "out" / run_id).exists() for run_id in run_ids)
+    checkpoints = [
+        torch.load(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp_path),
+            weights_only=True,
+        )
+        for run_id in run_ids
+    ]
     networks = [model_from_checkpoint(checkpoint) for checkpoint in checkpoints]
     preprocessing = checkpoints[0]["preprocessing"]
     normalise = Normalise(preprocessing["mean"], preprocessing["std"])
@@ -107,7 +116,8 @@ def test_study_ensemble_is_scored_beside_its_members_logged_and_registered(tmp_p
     assert list(predictions["label"]) == [CLASSES[int(flag)] for flag in positive]
     version = mlflow.MlflowClient().get_model_version("tumour-ensemble", result.registered_version)
     assert version.run_id == result.run_id
-    assert evaluate(EvaluateConfig(bootstrap=0), result.model_uri, data).metrics == pytest.approx(expected)
+    evaluated = evaluate(EvaluateConfig(bootstrap=0), result.model_uri, data).metrics
+    assert evaluated == pytest.approx(expected, abs=1e-6, nan_ok=True)  # ECE sums float32 differences
 
     # The command line: given runs, a table of the ensemble and each member, and the model's URI.
     output = CliRunner().invoke(main, ["ensemble", str(data), "--runs", ",".join(run_ids[:2]), "--split", "validation"])

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from classifier.config import PrepareConfig, SearchConfig, TrainConfig, build_config, load_section
-from classifier.search_space import parse_space
+from classifier.tune.space import parse_space
 
 SECTIONS = {"prepare": PrepareConfig, "train": TrainConfig, "search": SearchConfig}
 

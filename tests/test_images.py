@@ -151,3 +151,21 @@ def test_bad_files_raise_one_line_naming_the_file(tmp_path: Path, name: str, mes
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="missing.png: cannot read"):
         open_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_open_image_applies_the_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    stored = np.zeros((20, 40), dtype=np.uint8)
+    stored[:, :20] = 250  # bright left half as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "tagged.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+
+    image = open_image(path)
+
+    pixels = np.asarray(image, dtype=float)
+    expected = {3: (40, 20), 6: (20, 40), 8: (20, 40)}[orientation]  # 180°, 90° clockwise, 90° anticlockwise
+    assert image.size == expected
+    bright = {3: pixels[:, 20:], 6: pixels[:20], 8: pixels[20:]}[orientation]
+    assert bright.mean() > 200 and pixels.mean() < 150

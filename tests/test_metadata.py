@@ -19,10 +19,10 @@ from classifier.cli import main
 from classifier.config import PrepareConfig, TrainConfig
 from classifier.data.layout import read_info, read_manifest
 from classifier.data.metadata import encode, fit_encoding
-from classifier.data.prepare import TRACKING_VARIABLES, prepare
+from classifier.data.prepare import prepare
 from classifier.errors import UserError
-from classifier.pyfunc import load_classifier
-from classifier.train import fit
+from classifier.learn.train import fit
+from classifier.model.pyfunc import load_classifier
 
 SITES = ["back", "face", "trunk"]
 
@@ -55,11 +55,8 @@ def lesion_csv(root: Path, count: int = 72) -> Path:
 @pytest.fixture(scope="module")
 def lesions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lesions")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in TRACKING_VARIABLES:
-            patch.delenv(name, raising=False)
-        config = PrepareConfig(size=16, fractions=[0.6, 0.2, 0.2], group_column="lesion_id", seed=1)
-        prepare(lesion_csv(root), root / "prepared", config)
+    config = PrepareConfig(size=16, fractions=[0.6, 0.2, 0.2], group_column="lesion_id", seed=1)
+    prepare(lesion_csv(root), root / "prepared", config)
     return root
 
 

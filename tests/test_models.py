@@ -13,14 +13,14 @@ from timm.data import ImageNetInfo
 
 from classifier.data.transforms import Normalise, image_to_tensor
 from classifier.errors import UserError
-from classifier.models import (
+from classifier.nets.models import (
     MetadataFusion,
     apply_model,
     create_model,
+    frozen_backbone,
     head_and_backbone,
     model_from_checkpoint,
     packaged_weights,
-    set_backbone_trainable,
 )
 
 # ImageNet classes a photo of a Chinese temple roof by a lake may fairly be called.
@@ -97,10 +97,53 @@ def test_model_from_checkpoint_rebuilds_the_same_network() -> None:
 
 def test_freezing_leaves_only_the_head_trainable() -> None:
     model = create_model("resnet18", 2, 3)
-    set_backbone_trainable(model, False)
+    with frozen_backbone(model):
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        assert trainable == {"fc.weight", "fc.bias"}
+    assert all(parameter.requires_grad for parameter in model.parameters())
 
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trainable == {"fc.weight", "fc.bias"}
+
+@pytest.mark.parametrize(
+    ("name", "metadata_width"), [("simple_cnn", 0), ("resnet18", 0), ("efficientnet_lite0", 0), ("simple_cnn", 3)]
+)
+def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics_while_the_head_trains(
+    name: str, metadata_width: int
+) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 2, 3, metadata_width=metadata_width)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    head = {id(parameter) for parameter in head_and_backbone(model)[0]}
+    head_names = {key for key, parameter in model.named_parameters() if id(parameter) in head}
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def step() -> None:
+        images = torch.randn(8, 3, 32, 32) * 3 + 1  # far from the running statistics: BatchNorm would move them
+        inputs = (images, torch.randn(8, metadata_width)) if metadata_width else images
+        loss = torch.nn.functional.cross_entropy(apply_model(model, inputs), torch.randint(0, 2, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    with frozen_backbone(model, optimizer):
+        for _ in range(3):
+            step()
+    frozen = model.state_dict()
+
+    assert set(frozen) == set(start)  # the ordinary network again: same state_dict keys, BatchNorm layers
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    backbone = [key for key in start if key not in head_names]
+    assert any("running_mean" in key for key in backbone)
+    for key in backbone:
+        assert torch.equal(frozen[key], start[key]), key
+    assert any(not torch.equal(frozen[key], start[key]) for key in head_names)
+    optimised = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    assert optimised == {id(parameter) for parameter in model.parameters()}  # the new BatchNorm weights train on
+
+    model.train()
+    step()  # unfrozen: the backbone and its statistics move
+    assert any(not torch.equal(model.state_dict()[key], start[key]) for key in backbone if "running_mean" in key)
+    assert any(not torch.equal(model.state_dict()[key], start[key]) for key in backbone if key.endswith("weight"))
 
 
 def test_image_to_tensor_scales_8_and_16_bit() -> None:

@@ -17,15 +17,15 @@ from sklearn.metrics import f1_score
 
 from classifier.cli import main
 from classifier.config import EmbedConfig, EnsembleConfig, EvaluateConfig, PrepareConfig, TrainConfig
-from classifier.cv import cross_validate
 from classifier.data.layout import read_info, read_manifest
-from classifier.data.prepare import TRACKING_VARIABLES, prepare
-from classifier.embed import embed
-from classifier.ensembling import build_ensemble
+from classifier.data.prepare import prepare
 from classifier.errors import UserError
-from classifier.evaluate import evaluate
-from classifier.pyfunc import load_classifier
-from classifier.train import fit
+from classifier.evaluation.embed import embed
+from classifier.evaluation.evaluate import evaluate
+from classifier.learn.cv import cross_validate
+from classifier.learn.train import fit
+from classifier.model.pyfunc import load_classifier
+from classifier.tune.ensemble import build_ensemble
 
 CHANNELS = ["red", "green", "blue", "yellow"]
 CLASSES = ["nucleoplasm", "mitochondria", "cytosol", "golgi"]
@@ -58,20 +58,17 @@ def rgby_config(**options) -> PrepareConfig:
 def cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cells")
     csv = rgby_images(root)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in TRACKING_VARIABLES:
-            patch.delenv(name, raising=False)
-        prepare(csv, root / "prepared", rgby_config())
+    prepare(csv, root / "prepared", rgby_config())
     return root
 
 
 def test_prepare_stacks_channel_files_and_stratifies_every_label(cells):
     data = cells / "prepared"
     info = read_info(data)
-    assert (info.task, info.channels, info.classes) == ("multi_label", 4, sorted(CLASSES))
+    assert (info.task, info.channels, info.classes) == ("multi_label", 4, CLASSES)  # index k is --class-names[k]
     manifest = read_manifest(data)
     source = pd.read_csv(cells / "train.csv", dtype=str)
-    expected = {row.Id: " ".join(sorted(CLASSES[int(i)] for i in row.Target.split())) for row in source.itertuples()}
+    expected = {row.Id: " ".join(CLASSES[int(i)] for i in sorted(row.Target.split())) for row in source.itertuples()}
     assert dict(zip(manifest["source"], manifest["label"], strict=True)) == expected
 
     first = manifest.iloc[0]
@@ -126,6 +123,7 @@ def test_multilabel_model_tunes_a_threshold_per_class_and_round_trips_through_th
     predictions = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": images}))
 
     classifier = load_classifier(uri)
+    assert classifier.classes == CLASSES and list(predictions.columns[2:6]) == [f"prob_{name}" for name in CLASSES]
     probabilities = predictions[[f"prob_{name}" for name in classifier.classes]].to_numpy()
     thresholds = np.asarray(checkpoint["threshold"])
     for row, label in zip(probabilities, predictions["label"], strict=True):  # each class at its own threshold
@@ -182,7 +180,7 @@ def test_an_ensemble_of_multilabel_models_averages_their_sigmoids(cells, tmp_pat
     manifest = read_manifest(data)
     test = manifest[manifest["split"] == "test"]
     images = [(data / path).read_bytes() for path in test["path"]]
-    columns = [f"prob_{name}" for name in sorted(CLASSES)]
+    columns = [f"prob_{name}" for name in CLASSES]
     members = [load_classifier(str(run.checkpoint)).predict(images)[columns].to_numpy() for run in runs]
     predicted = mlflow.pyfunc.load_model(result.model_uri).predict(pd.DataFrame({"image": images}))
     np.testing.assert_allclose(predicted[columns].to_numpy(), np.mean(members, axis=0), atol=1e-5)

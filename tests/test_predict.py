@@ -16,7 +16,7 @@ from conftest import REPO, write_class_folders
 from classifier.cli import main
 
 CLASSES = ["benign", "malignant"]
-COLUMNS = ["path", "label", "confidence", "prob_benign", "prob_malignant", "error"]
+COLUMNS = ["path", "label", "confidence", "threshold", "rule", "prob_benign", "prob_malignant", "error"]
 
 
 @pytest.fixture

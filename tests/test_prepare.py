@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_NPZ, class_image, write_class_folders
+from conftest import SHARED_NPZ, class_image, write_class_folders, written
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -62,7 +62,7 @@ def test_class_folders_become_the_prepared_layout(image_folder: Path, tmp_path: 
         assert image.size == (16, 16) and image.mode == "RGB"
         assert row.sha256 == hashlib.sha256((image_folder / row.source).read_bytes()).hexdigest()
     assert all(0 < mean < 1 for mean in info.mean) and all(0 < std < 0.5 for std in info.std)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "out"]  # no staging folder left
+    assert written(tmp_path) == ["images", "out"]  # no staging folder left
 
 
 def test_splits_are_stratified_with_the_given_fractions(tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ def test_a_second_prepare_into_the_same_output_fails_at_once(
     info = run(image_folder, output)
     assert errors == [f"{output}: another prepare is writing OUTPUT; wait for it or choose another OUTPUT"]
     assert read_info(output) == info and len(read_manifest(output)) == 40
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "out"]  # lock file removed
+    assert written(tmp_path) == ["images", "out"]  # lock file removed
 
 
 def add_bad_images(folder: Path, count: int) -> None:
@@ -340,7 +340,7 @@ def test_bad_images_are_all_listed_and_nothing_is_written(image_folder: Path, tm
     assert "benign/bad_1.png: not a readable image" in output and "(and 2 more)" in output
     assert "benign/bad_2.png: corrupt or truncated image" in output  # found while decoding, listed all the same
     assert "--skip-invalid" in output
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]
+    assert written(tmp_path) == ["images"]
 
 
 def test_truncated_image_found_while_decoding_fails_and_leaves_nothing(image_folder: Path, tmp_path: Path) -> None:
@@ -349,7 +349,7 @@ def test_truncated_image_found_while_decoding_fails_and_leaves_nothing(image_fol
     (image_folder / "benign" / "cut.png").write_bytes(buffer.getvalue()[:-200])
     code, output = cli("prepare", image_folder, tmp_path / "new" / "folders" / "out", "--size", 16, "--workers", 2)
     assert code == 1 and "1 invalid image: benign/cut.png: corrupt or truncated image" in output
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]
+    assert written(tmp_path) == ["images"]
 
 
 def test_skip_invalid_records_the_skipped_images(image_folder: Path, tmp_path: Path) -> None:
@@ -450,3 +450,44 @@ def test_the_cli_gives_back_the_sigterm_handler_it_set_for_training(tmp_path: Pa
     before = signal.getsignal(signal.SIGTERM)
     CliRunner().invoke(main, ["train", str(tmp_path), "--epochs", "1"])  # fails: not a prepared dataset
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def sideways_jpeg(path: Path) -> Path:
+    """A JPEG stored 40 wide and 20 high, bright on its left half, tagged EXIF orientation 6 (rotate 90° clockwise
+    to view): upright it is 20 wide and 40 high, bright on its top half, as a phone writes a portrait photo."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 250
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_an_exif_rotated_jpeg_is_prepared_upright(tmp_path: Path) -> None:
+    source = write_class_folders(tmp_path / "images", {"a": 4, "b": 4})
+    sideways_jpeg(source / "a" / "portrait.jpg")
+
+    run(source, tmp_path / "out", size=16, resize="pad", fractions=[1.0, 0.0, 0.0])
+
+    pixels = np.asarray(png(tmp_path / "out", "training/a/portrait.png").convert("L"), dtype=float)
+    top, bottom = pixels[:8, 4:12].mean(), pixels[8:, 4:12].mean()
+    assert top > 200 and bottom < 50  # bright on top: turned upright, not left sideways
+    assert pixels[:, :3].max() < 10 and pixels[:, 13:].max() < 10  # a portrait padded left and right
+
+
+@pytest.mark.parametrize("inside", ["source/prepared", "source", "source/a/deeper"])
+def test_output_inside_source_is_refused(tmp_path: Path, inside: str) -> None:
+    source = write_class_folders(tmp_path / "source", {"a": 4, "b": 4})
+
+    code, output = cli("prepare", source, tmp_path / inside, "--size", 16, "--workers", 1)
+
+    assert code == 1 and "OUTPUT is inside SOURCE" in output
+    assert sorted(path.name for path in source.iterdir()) == ["a", "b"]
+
+
+def test_output_holding_the_source_is_refused(tmp_path: Path) -> None:
+    source = write_class_folders(tmp_path / "data" / "source", {"a": 4, "b": 4})
+
+    code, output = cli("prepare", source, tmp_path / "data", "--size", 16, "--workers", 1)
+
+    assert code == 1 and "OUTPUT holds SOURCE" in output

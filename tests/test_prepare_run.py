@@ -12,9 +12,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import REPO, write_class_folders
+from click.testing import CliRunner
+from conftest import REPO, write_class_folders, written
 from PIL import Image
 
+from classifier.cli import main
 from classifier.config import PrepareConfig
 from classifier.data import prepare as prepare_module
 from classifier.data.layout import read_info, read_manifest
@@ -91,18 +93,20 @@ def test_a_failure_while_writing_removes_the_partial_dataset(
     config = PrepareConfig(size=16, workers=1)
     with pytest.raises(OSError, match="No space left"):
         prepare(image_folder, tmp_path / "out", config)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]
+    assert written(tmp_path) == ["images"]
 
     monkeypatch.setattr(prepare_module._Converter, "__call__", convert)
     assert sum(sum(n.values()) for n in prepare(image_folder, tmp_path / "out", config).counts.values()) == 40
 
 
-def test_prepare_logs_params_counts_manifest_and_dataset_input(
+def test_the_prepare_command_logs_params_counts_manifest_and_dataset_input(
     image_folder: Path, tmp_path: Path, isolated_tracking: str
 ) -> None:
     (image_folder / "benign" / "broken.png").write_bytes(b"")
-    config = PrepareConfig(size=16, workers=1, skip_invalid=True, experiment="prepare-test")
-    info = prepare(image_folder, tmp_path / "out", config)
+    arguments = ["prepare", str(image_folder), str(tmp_path / "out"), "--size", "16", "--workers", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--skip-invalid", "--experiment", "prepare-test"])
+    assert result.exit_code == 0, result.output  # MLFLOW_TRACKING_URI is set (conftest): the command logs a run
+    info = read_info(tmp_path / "out")
 
     mlflow.set_tracking_uri(isolated_tracking)
     (run,) = mlflow.search_runs(experiment_names=["prepare-test"], output_format="list")
@@ -138,3 +142,10 @@ def test_mlflow_run_prepare_entry_point(tmp_path: Path) -> None:
     assert run.data.params["folds"] == "2" and run.data.params["fingerprint"] == info.fingerprint
     assert run.data.metrics["images_training"] == sum(info.counts["training"].values())
     assert [item.dataset.name for item in run.inputs.dataset_inputs] == ["out"]
+
+
+def test_prepare_itself_tracks_nothing(image_folder: Path, tmp_path: Path, isolated_tracking: str) -> None:
+    prepare(image_folder, tmp_path / "out", PrepareConfig(size=16, workers=1, experiment="untracked"))
+
+    mlflow.set_tracking_uri(isolated_tracking)
+    assert mlflow.get_experiment_by_name("untracked") is None

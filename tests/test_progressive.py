@@ -11,8 +11,8 @@ from prepared import prepared_dataset
 
 from classifier.config import TrainConfig, build_config
 from classifier.errors import UserError
-from classifier.search_space import parse_space
-from classifier.train import fit
+from classifier.learn.train import fit
+from classifier.tune.space import parse_space
 
 
 @pytest.fixture(scope="module")

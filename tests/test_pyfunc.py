@@ -17,8 +17,8 @@ from PIL import Image
 
 from classifier.data.transforms import Normalise, image_to_tensor
 from classifier.errors import UserError
-from classifier.models import model_from_checkpoint
-from classifier.pyfunc import KEPT_KEYS, load_classifier, log_classifier_model
+from classifier.model.pyfunc import KEPT_KEYS, load_classifier, log_classifier_model
+from classifier.nets.models import model_from_checkpoint
 
 CLASSES = ["benign", "malignant"]
 PROBABILITIES = [f"prob_{name}" for name in CLASSES]
@@ -30,13 +30,14 @@ def png_bytes(label: int, index: int) -> bytes:
     return buffer.getvalue()
 
 
-def checkpoint_probabilities(checkpoint: Path, images: list[bytes], flips: bool = False) -> np.ndarray:
-    """What the checkpoint's network says about 32 px RGB images, through training's own tensor path."""
+def checkpoint_probabilities(checkpoint: Path, images: list[bytes], flips: tuple[int, ...] = ()) -> np.ndarray:
+    """What the checkpoint's network says about 32 px RGB images, through training's own tensor path, averaged over
+    the views flipped along `flips` (-1 left-right, -2 upside down) beside the image as is."""
     state = torch.load(checkpoint, weights_only=True)
     network = model_from_checkpoint(state)
     normalise = Normalise(state["preprocessing"]["mean"], state["preprocessing"]["std"])
     batch = normalise(torch.stack([image_to_tensor(Image.open(io.BytesIO(image)), 8) for image in images]))
-    views = [batch, batch.flip(-1), batch.flip(-2)] if flips else [batch]
+    views = [batch, *(batch.flip(dim) for dim in flips)]
     with torch.no_grad():
         return torch.stack([network(view).softmax(dim=1) for view in views]).mean(dim=0).numpy()
 
@@ -89,14 +90,22 @@ def test_unreadable_images_are_reported_in_their_rows_only(checkpoint, model_uri
     np.testing.assert_allclose(predictions.loc[[0, 4], PROBABILITIES].to_numpy(), expected, atol=1e-6)
 
 
-def test_tta_model_setting_averages_the_flipped_views(checkpoint, model_uri):
+@pytest.mark.parametrize(("recipe", "flips"), [("light", (-1,)), ("strong", (-1, -2)), ("none", ())])
+def test_tta_averages_only_the_flips_the_model_was_trained_with(checkpoint, experiment, recipe, flips):
+    """No upside-down view of an x-ray for a model trained with left-right flips only (`light`)."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["augment"] = recipe
+    torch.save(state, checkpoint)
+    with mlflow.start_run(experiment_id=experiment):
+        model_uri = log_classifier_model(checkpoint).model_uri
     images = [png_bytes(0, 2), png_bytes(1, 2)]
 
     plain = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
     tta = mlflow.pyfunc.load_model(model_uri, model_config={"tta": True}).predict(pd.DataFrame({"image": images}))
 
-    np.testing.assert_allclose(tta[PROBABILITIES].to_numpy(), checkpoint_probabilities(checkpoint, images, flips=True))
-    assert not np.allclose(tta[PROBABILITIES].to_numpy(), plain[PROBABILITIES].to_numpy())
+    expected = checkpoint_probabilities(checkpoint, images, flips)
+    np.testing.assert_allclose(tta[PROBABILITIES].to_numpy(), expected, atol=1e-6)
+    assert np.allclose(tta[PROBABILITIES].to_numpy(), plain[PROBABILITIES].to_numpy()) == (recipe == "none")
 
 
 def test_stored_threshold_decides_the_binary_label(tmp_path):
@@ -117,7 +126,14 @@ def test_logged_model_is_self_contained(model_uri, monkeypatch):
     info = mlflow.models.get_model_info(model_uri)
     assert info.signature.inputs.input_names() == ["image"]
     assert info.signature.outputs.input_names() == ["label", "confidence", *PROBABILITIES, "error"]
-    assert info.metadata == {"classes": CLASSES, "threshold": None}
+    assert info.metadata == {
+        "classes": CLASSES,
+        "threshold": None,
+        "threshold_rule": None,
+        "threshold_prevalence": None,
+        "positive_class": None,
+        "temperature": None,
+    }
 
     folder = Path(mlflow.artifacts.download_artifacts(model_uri))
     stored = torch.load(folder / "artifacts" / "checkpoint.pt", weights_only=True)
@@ -136,3 +152,18 @@ def test_unusable_models_are_refused_with_their_name(tmp_path):
         load_classifier(str(not_a_checkpoint))
     with pytest.raises(UserError, match="models:/nothing@champion: cannot load"):
         load_classifier("models:/nothing@champion")
+
+
+def test_the_served_model_reads_an_exif_rotated_jpeg_upright(checkpoint: Path) -> None:
+    upright = class_image(1, 0, (32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90° anticlockwise: view it turned 90° clockwise
+    tagged = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(tagged, format="JPEG", exif=exif, quality=95)
+    plain = io.BytesIO()
+    upright.save(plain, format="JPEG", quality=95)
+    classifier = load_classifier(str(checkpoint))
+
+    rotated, reference = (classifier.preprocess(buffer.getvalue()) for buffer in (tagged, plain))
+
+    assert (rotated - reference).abs().mean() < 0.03  # JPEG noise only, not a turned image

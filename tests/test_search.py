@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import types
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import tracked_nothing
+from optuna.trial import TrialState
 from prepared import prepared_dataset
 
 from classifier.cli import main
 from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.errors import UserError
-from classifier.search import open_study
-from classifier.search_space import parse_space, suggest
-from classifier.search_storage import JOURNAL_FILE, default_storage, open_storage
-from classifier.train import resolve_monitor
+from classifier.learn.train import resolve_monitor
+from classifier.tune.search import SKIPPED_ATTR, Objective, open_study, trial_counts
+from classifier.tune.space import parse_space, suggest
+from classifier.tune.storage import JOURNAL_FILE, default_storage, open_storage
 
 TRAIN_OPTIONS = [field for field in TrainConfig.__dataclass_fields__]
 
@@ -52,7 +57,7 @@ def test_malformed_space_is_one_line_error_and_writes_nothing(tmp_path, dataset,
     assert result.exit_code == 1
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
-    assert not (tmp_path / JOURNAL_FILE).exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / JOURNAL_FILE).exists() and tracked_nothing()
 
 
 @pytest.mark.parametrize(
@@ -61,13 +66,15 @@ def test_malformed_space_is_one_line_error_and_writes_nothing(tmp_path, dataset,
         (["--n-trials", "0"], "'n_trials' must be >= 1"),
         (["--storage", "redis://localhost:6379"], "unknown scheme 'redis'"),
         (["--n-workers", "2", "--storage", "sqlite:///optuna.db"], "does not support parallel workers"),
+        (["--objective", "val_bogus"], "--objective val_bogus: not a metric training logs on this data; use one of"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, dataset, args, message):
     result = run_search(tmp_path, dataset, {}, *args)
     assert result.exit_code == 1
     assert message in result.output
-    assert not (tmp_path / JOURNAL_FILE).exists()
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / JOURNAL_FILE).exists() and tracked_nothing()
 
 
 def test_unreachable_database_fails_fast(tmp_path, dataset):
@@ -82,7 +89,7 @@ def test_unreachable_database_fails_fast(tmp_path, dataset):
 def test_study_reused_with_another_metric_is_refused(tmp_path, dataset):
     config = build_config(SearchConfig, {"study_name": "s"})
     open_study(config, "s", "val_loss", maximize=False)
-    result = run_search(tmp_path, dataset, {"study_name": "s"}, "--metric", "val_accuracy")
+    result = run_search(tmp_path, dataset, {"study_name": "s"}, "--objective", "val_accuracy")
     assert result.exit_code == 1
     assert "optimises val_loss (minimize), not val_accuracy (maximize)" in result.output
 
@@ -127,3 +134,116 @@ def test_default_space_is_valid_for_train_config():
 def test_unknown_parameter_suggests_close_names():
     with pytest.raises(UserError, match="did you mean weight_decay"):
         parse_space({"weight_decy": {"type": "float", "low": 0, "high": 1}}, TRAIN_OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("enqueued", "message"),
+    [
+        ([{"lr": 0.5}], "trial 1: lr=0.5 lies outside the search space"),
+        ([{"lr": 0.003}, {"momentum": 0.9}], "trial 2 sets 'momentum', which the search space does not tune"),
+        ({"lr": 0.003}, "expected a YAML list of {parameter: value} mappings"),
+    ],
+)
+def test_bad_enqueue_file_is_one_line_error_and_runs_nothing(tmp_path, dataset, enqueued, message):
+    known_good = tmp_path / "known-good.yaml"
+    known_good.write_text(yaml.safe_dump(enqueued))
+    space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    result = run_search(tmp_path, dataset, {"space": space, "n_trials": 1}, "--enqueue", str(known_good))
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / JOURNAL_FILE).exists()
+
+
+def test_enqueued_configurations_are_the_first_trials_once_then_the_gp_sampler_takes_over(tmp_path, dataset):
+    known_good = tmp_path / "known-good.yaml"
+    known_good.write_text(yaml.safe_dump([{"lr": 0.004, "batch_size": 8}, {"lr": 0.0002, "batch_size": 16}]))
+    space = {
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": {"type": "categorical", "choices": [8, 16]},
+    }
+    search = {"space": space, "n_trials": 3, "study_name": "warm", "sampler": "gp", "pruner": "none"}
+    args = ["--enqueue", str(known_good), "--storage", str(tmp_path / "warm.journal")]
+    assert run_search(tmp_path, dataset, search, *args).exit_code == 0
+    assert run_search(tmp_path, dataset, {**search, "n_trials": 4}, *args).exit_code == 0  # resumed: not enqueued again
+
+    study = optuna.load_study(study_name="warm", storage=open_storage(str(tmp_path / "warm.journal")))
+    trials = sorted(study.trials, key=lambda trial: trial.number)
+    assert [trial.params for trial in trials[:2]] == [{"lr": 0.004, "batch_size": 8}, {"lr": 0.0002, "batch_size": 16}]
+    assert len(trials) == 4 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    assert {"lr": 0.004, "batch_size": 8} not in [trial.params for trial in trials[2:]]
+
+
+def test_a_trial_past_the_total_ends_unrun_and_counts_as_skipped_not_failed():
+    """Two workers can claim the study's last place at once: the trial created later is skipped."""
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.5})  # a retry waiting to run: it keeps its place ahead of later trials
+    running = study.ask()  # the waiting retry, now running
+    study.tell(study.ask(), 1.0)  # trial 1 done: with the retry, the study's 2 trials are claimed
+    job = types.SimpleNamespace(search=types.SimpleNamespace(trial_limit=2))
+    objective = Objective(job, {})
+    ran = []
+
+    def surplus(trial: optuna.Trial) -> float:
+        objective.skip_if_full(trial)
+        ran.append(trial.number)
+        return 0.0
+
+    warnings = Messages()
+    logging.getLogger("optuna").addHandler(warnings)  # Optuna's loggers do not propagate to the root
+    try:
+        study.optimize(surplus, n_trials=1, catch=(Exception,))
+    finally:
+        logging.getLogger("optuna").removeHandler(warnings)
+
+    assert ran == [] and study.trials[2].state == TrialState.FAIL and study.trials[2].user_attrs[SKIPPED_ATTR]
+    assert trial_counts(study)["skipped"] == 1 and trial_counts(study)["fail"] == 0
+    assert not [message for message in warnings.messages if "Trial 2" in message]  # no failure warning for it
+    objective.skip_if_full(running)  # the retry itself, created before trial 1, runs
+
+
+class Messages(logging.Handler):
+    """Collects the messages of the records it handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_finished_trials_leave_their_weights_in_mlflow_and_no_local_folder_unless_kept(tmp_path, dataset):
+    outputs = tmp_path / "outputs"
+    config = tmp_path / "experiment.yaml"
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    search = {"space": space, "n_trials": 2, "pruner": "none"}
+    config.write_text(yaml.safe_dump({"train": {"epochs": 1, "output_dir": str(outputs)}, "search": search}))
+
+    def trial_runs(study_name: str, *args: str) -> set[str]:
+        command = ["search", str(dataset), "--config", str(config), "--study-name", study_name, *args]
+        assert CliRunner().invoke(main, command).exit_code == 0
+        study = optuna.load_study(study_name=study_name, storage=open_storage(str(tmp_path / JOURNAL_FILE)))
+        return {trial.user_attrs["mlflow_run_id"] for trial in study.trials}
+
+    lean = trial_runs("lean")
+    assert [path.name for path in outputs.iterdir() if path.is_dir()] == []
+    for run_id in lean:
+        stored = {item.path for item in mlflow.MlflowClient().list_artifacts(run_id, "checkpoints")}
+        assert stored == {"checkpoints/best.pt"}
+    kept = trial_runs("kept", "--keep-outputs")
+    assert {path.name for path in outputs.iterdir() if path.is_dir()} == kept
+
+
+def test_auto_workers_are_one_per_visible_gpu_else_one_per_thread_share(monkeypatch):
+    import classifier.tune.search as search_module
+
+    monkeypatch.setattr(search_module.processes, "available_cores", lambda: 16)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(search_module.torch.cuda, "device_count", lambda: 0)
+    assert search_module.worker_count(SearchConfig(n_workers="auto")) == 8
+    assert search_module.worker_count(SearchConfig(n_workers="auto", threads_per_worker=4)) == 4
+    assert search_module.worker_count(SearchConfig(n_workers=3)) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert search_module.worker_count(SearchConfig(n_workers="auto")) == 2
+    with pytest.raises(UserError, match="'n_workers' must be a number or auto"):
+        build_config(SearchConfig, {"n_workers": "many"})

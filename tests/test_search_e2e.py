@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from prepared import prepared_dataset
 
 from classifier.config import SearchConfig, TrainConfig, build_config
-from classifier.search import search
+from classifier.tune.search import search
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_mlflow_run_search_nests_trials_registers_champion_and_resumes(tmp_path,
         assert float(run.data.params["lr"]) == pytest.approx(
             study.trials[int(run.data.tags["optuna_trial"])].params["lr"]
         )
-    assert parent.data.metrics["best_val_roc_auc"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best_val_log_loss"] == pytest.approx(study.best_value)
     plots = {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/intermediate_values.png"} <= plots
 
@@ -100,7 +100,7 @@ def test_hopeless_learning_rates_are_pruned_and_their_runs_killed(tmp_path, data
         SearchConfig,
         {
             "study_name": "pruning",
-            "metric": "val_loss",
+            "objective": "val_loss",
             "n_trials": 2,
             "startup_trials": 2,
             "prune_warmup_epochs": 0,

@@ -1,4 +1,5 @@
-"""The docker-compose topology without Docker: PostgreSQL, an `mlflow server` on PostgreSQL + S3 (moto), workers."""
+"""The docker-compose topology without Docker: PostgreSQL, an `mlflow server` with basic-auth on PostgreSQL + S3
+(moto), workers signing in as docker-compose.yml's do."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import optuna
 import psycopg2
 import pytest
 import yaml
-from conftest import free_port, requires_postgres, wait_for_http
+from conftest import REPO, free_port, requires_postgres, wait_for_http
 from optuna.trial import TrialState
 from prepared import prepared_dataset
 
-from classifier.search_storage import open_storage
+from classifier.tune.storage import open_storage
 
 pytestmark = [pytest.mark.slow, requires_postgres]
 
+USER = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-test-password-long-enough"}
 TINY_TRAIN = {"epochs": 2, "batch_size": 8, "model": "simple_cnn", "system_metrics": False, "num_workers": 0}
 CLASSIFIER = [str(Path(sys.executable).parent / "classifier")]
 
@@ -63,8 +65,9 @@ def optuna_database() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_mlflow_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """moto's S3 server with a bucket, and an `mlflow server` storing runs in PostgreSQL and artifacts in S3."""
+def s3_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """moto's S3 server with a bucket, and an `mlflow server` with basic-auth (as docker-compose.yml runs it) storing
+    runs in PostgreSQL and artifacts in S3; this test process signs in as the workers do."""
     s3_env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     s3_port, mlflow_port = free_port(), free_port()
     s3_url = f"http://127.0.0.1:{s3_port}"
@@ -77,13 +80,22 @@ def s3_mlflow_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     try:
         wait_for_http(f"{s3_url}/moto-api/", moto)
         boto3.client("s3", endpoint_url=s3_url, **_boto(s3_env)).create_bucket(Bucket="mlflow")
+        auth = tmp_path / "basic_auth.ini"
+        auth.write_text(
+            (REPO / "docker" / "basic_auth.ini").read_text().replace("/auth/", f"{tmp_path}/")
+        )  # the compose file's auth settings, its user database here
         command = [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port)),
-            *("--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts"),
+            *(sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"),
+            *("--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"),
+            *("--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts"),
         ]
-        env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_AUTH_CONFIG_PATH": str(auth)}
+        env |= {"MLFLOW_AUTH_ADMIN_USERNAME": USER["MLFLOW_TRACKING_USERNAME"], "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = USER["MLFLOW_TRACKING_PASSWORD"]
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         wait_for_http(f"http://127.0.0.1:{mlflow_port}/health", server)
+        for name, value in USER.items():
+            monkeypatch.setenv(name, value)
         yield f"http://127.0.0.1:{mlflow_port}", s3_url
     finally:
         for process in (server, moto):
@@ -115,7 +127,10 @@ def test_two_workers_on_postgres_share_one_study(tmp_path, dataset, optuna_datab
         {"epochs": 1},
     )
     command = [*CLASSIFIER, "search", str(dataset), "--config", str(config), "--storage", optuna_database]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    anonymous = {name: value for name, value in os.environ.items() if name not in USER}
+    refused = subprocess.run(command, env={**anonymous, "MLFLOW_TRACKING_URI": tracking_uri}, capture_output=True)
+    assert refused.returncode == 1 and b"refuses these credentials (401)" in refused.stderr  # authentication is on
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}  # with the workers' user, as in docker-compose.yml
     # Like two `worker` containers: two processes started together on one study.
     workers = [
         subprocess.Popen([*command, "--study-name", "shared"], env=env, cwd=tmp_path, stderr=subprocess.PIPE)

@@ -20,7 +20,7 @@ import requests
 from conftest import class_image, free_port, wait_for_http, write_checkpoint
 from PIL import Image
 
-from classifier.pyfunc import load_classifier, log_classifier_model
+from classifier.model.pyfunc import load_classifier, log_classifier_model
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

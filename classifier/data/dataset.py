@@ -1,4 +1,10 @@
-"""Prepared splits decoded once into a uint8 array (in memory, or memory-mapped when large) and served as batches.
+"""Prepared splits decoded once into an array (in memory, or memory-mapped when large) and served as batches.
+
+The memory-mapped cache lives in a cache folder, never in the dataset (which may be read-only): `CLASSIFIER_CACHE_DIR`,
+else `$XDG_CACHE_HOME/classifier` or `~/.cache/classifier`, one sub-folder per dataset fingerprint. One process
+decodes a split while the others wait on its lock, then all of them map the same file read-only (the page cache
+holds one copy); the file is written under a temporary name and renamed into place, and a temporary one left by a
+killed decode is removed by the next.
 
 A batch is `(images, labels)`, or `((images, metadata), labels)` when the model also takes encoded metadata; labels
 are class indices (single-label) or an N x C multi-hot float matrix (multi-label).
@@ -19,20 +25,22 @@ import psutil
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from classifier import processes, stopping
+from classifier.console import progress
 from classifier.data.layout import DatasetInfo, read_info, read_manifest
 from classifier.errors import UserError
 
-CACHE_FOLDER = ".cache"
+CACHE_ENV = "CLASSIFIER_CACHE_DIR"
 PROGRESS_FROM = 2000  # images; smaller splits decode in about a second
 MEMORY_SHARE = 0.25  # decode into RAM when the split takes at most this share of the available memory
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass
 class SplitArrays:
-    """One split: images N x C x H x W (uint8 for 8-bit data, float32 in [0, 1] for 16-bit), labels (class indices
-    or multi-hot rows), folds, and the manifest rows (paths, metadata columns)."""
+    """One split: images N x C x H x W (uint8 for 8-bit data, uint16 for 16-bit), labels (class indices or multi-hot
+    rows), folds, and the manifest rows (paths, metadata columns)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -58,16 +66,16 @@ def _load_split(root: Path, fingerprint: str, split: str, cache: str) -> SplitAr
     rows = rows[rows["split"] == split]
     labels = label_array(rows["label"].tolist(), info, f"{root}/manifest.csv")
     paths = rows["path"].tolist()
-    dtype = np.float32 if info.bit_depth == 16 else np.uint8
+    dtype = np.uint16 if info.bit_depth == 16 else np.uint8
     shape = (len(paths), info.channels, info.size, info.size)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if cache == "auto":
-        cache = "memory" if nbytes <= MEMORY_SHARE * psutil.virtual_memory().available else "memmap"
+        cache = "memory" if nbytes <= MEMORY_SHARE * available_memory() else "memmap"
     if cache == "memory":
         images = np.empty(shape, dtype)
         _decode_into(images, root, paths, info)
     else:
-        images = _memory_mapped(root, info, paths, shape, dtype)
+        images = _memory_mapped(root, info, split, paths, shape, dtype)
     return SplitArrays(images, labels, rows["fold"].to_numpy(np.int64), rows.reset_index(drop=True))
 
 
@@ -106,23 +114,94 @@ def fit_indices(info: DatasetInfo, training: SplitArrays, fold: int | None) -> t
     return np.flatnonzero(training.folds != fold), np.flatnonzero(training.folds == fold)
 
 
-def _memory_mapped(root: Path, info: DatasetInfo, paths: list[str], shape: tuple, dtype: type) -> np.ndarray:
-    """A `.npy` named after the dataset fingerprint and the rows, decoded once and shared by later runs."""
+def cache_folder() -> Path:
+    """Where decoded splits are cached: `CLASSIFIER_CACHE_DIR`, else the user's cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "classifier"
+
+
+def available_memory(cgroup_root: Path = CGROUP_ROOT, own_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """Bytes this process may still take: the host's available memory, or less where a cgroup limit (a container's
+    memory limit, cgroup v2 or v1) leaves less."""
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file in _cgroup_memory_files(cgroup_root, own_cgroup):
+        try:
+            limit = limit_file.read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes a huge number for "no limit"
+                available = min(available, max(0, int(limit) - int(usage_file.read_text())))
+        except (OSError, ValueError):
+            continue
+    return available
+
+
+def _cgroup_memory_files(cgroup_root: Path, own_cgroup: Path) -> list[tuple[Path, Path]]:
+    """(limit, usage) files of this process's memory cgroup and every cgroup above it."""
+    try:
+        lines = own_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base, names = cgroup_root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, names = cgroup_root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        if not folder.is_dir():  # a container sees its own cgroup at the root
+            folder = base
+        for level in (folder, *folder.parents):
+            files.append((level / names[0], level / names[1]))
+            if level == base:
+                break
+    return files
+
+
+def _memory_mapped(
+    root: Path, info: DatasetInfo, split: str, paths: list[str], shape: tuple, dtype: type
+) -> np.ndarray:
+    """The split as a read-only memory map of `<cache folder>/<fingerprint>/<split>-<rows>.npy`, decoded once (by
+    whichever process takes the lock first) and shared by every later run and process."""
     key = pd.util.hash_pandas_object(pd.Series(paths), index=False).sum() % (1 << 48)
-    path = Path(root) / CACHE_FOLDER / f"{info.fingerprint[:16]}-{key:012x}.npy"
+    folder = cache_folder() / info.fingerprint[:32]
+    path = folder / f"{split}-{key:012x}.npy"
     if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            descriptor = processes.lock(folder / f".{path.name}.lock", wait=True)  # one decodes, the others wait
+        except OSError as error:
+            raise UserError(
+                f"{folder}: cannot write the image cache ({error.strerror}); set {CACHE_ENV} to a writable folder"
+            ) from error
+        try:
+            if not path.exists():
+                _decode_to_file(path, root, paths, info, shape, dtype)
+        finally:
+            processes.unlock(descriptor, folder / f".{path.name}.lock")
+    return np.load(path, mmap_mode="r")
+
+
+def _decode_to_file(path: Path, root: Path, paths: list[str], info: DatasetInfo, shape: tuple, dtype: type) -> None:
+    """Decode into `path` through a temporary file renamed into place (the caller holds the lock: a temporary file
+    found here was left by a killed decode)."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
         images = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
         _decode_into(images, root, paths, info)
         images.flush()
         del images
         os.replace(partial, path)
-    return np.load(path, mmap_mode="r")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _decode_into(images: np.ndarray, root: Path, paths: list[str], info: DatasetInfo) -> None:
-    scale = 65535.0 if info.bit_depth == 16 else None
+    """Decode every prepared image into `images`, stopping between images on a stop request."""
 
     def decode(position: int) -> None:
         file = Path(root) / paths[position]
@@ -134,13 +213,16 @@ def _decode_into(images: np.ndarray, root: Path, paths: list[str], info: Dataset
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         if pixels.shape != images.shape[1:]:
             raise UserError(f"{file}: shape {pixels.shape} differs from dataset.json {images.shape[1:]}; prepare again")
-        images[position] = pixels / scale if scale else pixels
+        images[position] = pixels
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
         work = pool.map(decode, range(len(paths)))
-        progress = tqdm(work, total=len(paths), desc="decoding images", unit="img", leave=False, mininterval=1)
-        for _ in progress if len(paths) >= PROGRESS_FROM else work:
-            pass
+        bar = {"desc": "decoding images", "unit": "img", "leave": False, "mininterval": 1}
+        for _ in progress(work, total=len(paths), disable=len(paths) < PROGRESS_FROM, **bar):
+            stopping.check()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error or a stop: no image more
 
 
 class CachedImages(Dataset):
@@ -177,6 +259,8 @@ class CachedImages(Dataset):
     def __getitems__(self, positions: list[int]) -> tuple[Any, torch.Tensor]:
         rows = self.indices[np.asarray(positions)]
         images = torch.from_numpy(np.ascontiguousarray(self.arrays.images[rows]))
+        if images.dtype == torch.uint16:  # 16-bit data: cached as is, scaled to [0, 1] here
+            images = images.float().div_(65535.0)
         if self.transform is not None:
             images = torch.stack([self.transform(image) for image in images])
         labels = torch.from_numpy(self.arrays.labels[rows])

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
+from classifier.config import RESIZE_MODES
+from classifier.data.dicom import DICOM_SUFFIX, DicomSettings, has_dicom_preamble, is_dicom, read_dicom
 from classifier.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-RESIZE_MODES = ("stretch", "pad", "crop")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", DICOM_SUFFIX)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 CHANNELS_OF_MODE = {
     "1": 1,
@@ -38,11 +39,23 @@ REDUCING_GAP = 2.0
 Image.MAX_IMAGE_PIXELS = 300_000_000  # whole-slide-sized tiles are fine; far beyond that is a decompression bomb
 
 
-def open_image(source: Path | str | bytes | BinaryIO, size: int | None = None, name: str | None = None) -> Image.Image:
-    """Decode an image fully (so truncated files fail here), raising UserError naming the file.
+def is_image_file(path: Path) -> bool:
+    """A file to read as an image: by its suffix, or a suffix-less file with the DICOM preamble."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and has_dicom_preamble(path))
+
+
+def open_image(
+    source: Path | str | bytes | BinaryIO,
+    size: int | None = None,
+    name: str | None = None,
+    dicom: DicomSettings | None = None,
+) -> Image.Image:
+    """Decode an image fully (so truncated files fail here) and turn it upright by its EXIF orientation, raising
+    UserError naming the file.
 
     `size` is a hint: JPEGs are decoded at the smallest DCT scale that still covers `size` x `size` (Pillow's
-    `draft`). Multi-page TIFFs with 3 or 4 single-band pages of equal size become one RGB / RGBA image.
+    `draft`). Multi-page TIFFs with 3 or 4 single-band pages of equal size become one RGB / RGBA image. DICOM files
+    (`.dcm`, or the DICM preamble) are read by `classifier.data.dicom` with `dicom` settings (window, frame).
     """
     name = name or (str(source) if isinstance(source, Path | str) else getattr(source, "name", "<image bytes>"))
     if isinstance(source, Path | str):
@@ -50,16 +63,20 @@ def open_image(source: Path | str | bytes | BinaryIO, size: int | None = None, n
             source = Path(source).read_bytes()
         except OSError as error:
             raise UserError(f"{name}: cannot read ({error.strerror}); check the path and its permissions") from error
-    if isinstance(source, bytes):
-        if not source:
-            raise UserError(f"{name}: empty file (0 bytes); replace or remove it")
-        source = io.BytesIO(source)
+    if not isinstance(source, bytes):
+        source = source.read()
+    if not source:
+        raise UserError(f"{name}: empty file (0 bytes); replace or remove it")
+    if is_dicom(source, name):
+        return read_dicom(source, name, dicom)
+    source = io.BytesIO(source)
     try:
         image = Image.open(source)
         if image.format == "JPEG" and size is not None:
             image.draft(image.mode, (size, size))
         image.load()
         image = _merge_channel_pages(image)
+        ImageOps.exif_transpose(image, in_place=True)  # upright as viewers show it (phones, scanners tag it)
     except UnidentifiedImageError as error:
         raise UserError(f"{name}: not an image Pillow can read; replace or remove it") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

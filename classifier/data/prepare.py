@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import io
@@ -13,19 +12,30 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageStat
-from tqdm import tqdm
 
-from classifier import __version__
+from classifier import __version__, processes
 from classifier.config import PrepareConfig
+from classifier.console import progress
+from classifier.data.dicom import (
+    DicomSettings,
+    check_keyword,
+    group_salt,
+    group_value,
+    hashed_group,
+    is_dicom,
+    probe_dicom,
+)
 from classifier.data.images import (
     CHANNELS_OF_MODE,
     image_bit_depth,
@@ -35,14 +45,21 @@ from classifier.data.images import (
     open_image,
     resize,
 )
-from classifier.data.layout import INFO_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SPLITS, DatasetInfo, read_info
+from classifier.data.layout import (
+    INFO_FILE,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    SPLITS,
+    DatasetInfo,
+    choose_positive_class,
+    read_info,
+)
 from classifier.data.sources import MAX_LISTED, Record, read_source
 from classifier.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")  # set by the user or by `mlflow run`
 # zlib level 1 with the run-length strategy: on filtered PNG rows of photos and tissue tiles about 40% faster than
 # level 1's default strategy and as small as the default level 6 (which takes 2-5x longer).
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
@@ -69,6 +86,7 @@ class Job:
     resize: str
     channels: int
     bit_depth: int
+    dicom: DicomSettings | None = None
 
 
 @dataclass
@@ -91,6 +109,7 @@ def prepare(source: Path, output: Path, config: PrepareConfig) -> DatasetInfo:
     replace it with `overwrite` only.
     """
     source, output = Path(source), Path(output)
+    _check_apart(source, output)
     found = read_source(
         source,
         config.path_column,
@@ -101,6 +120,8 @@ def prepare(source: Path, output: Path, config: PrepareConfig) -> DatasetInfo:
         config.channel_files,
     )
     records = found.records
+    if config.group_tag:
+        records = _group_by_tag(records, config.group_tag, config.keep_tags)
     with WorkerPool(config.workers or os.cpu_count() or 1) as pool, _exclusive(output):  # workers never hold the lock
         previous = _existing(output)
         hashing = previous is not None
@@ -108,18 +129,14 @@ def prepare(source: Path, output: Path, config: PrepareConfig) -> DatasetInfo:
         probes = list(_progress(pool.imap(probe, records), len(records), "hashing" if hashing else "reading"))
         if previous is not None and previous.fingerprint == _fingerprint(records, [p.sha256 for p in probes], config):
             print(f"{output}: already prepared from these inputs and settings", file=sys.stderr)
-            info = previous
+            info = _with_positive_class(output, previous, config.positive_class)
         elif previous is not None and not config.overwrite:
             raise UserError(
                 f"{output}: prepared from other inputs or settings; "
                 "pass --overwrite to replace it or choose another OUTPUT"
             )
         else:
-            info = _write(output, records, probes, found.metadata_columns, config, pool)
-        if any(os.environ.get(name) for name in TRACKING_VARIABLES):
-            from classifier import tracking  # imports mlflow (seconds): only when there is a run to log to
-
-            tracking.log_prepared_dataset(config.experiment, source, output, asdict(config), info)
+            info = _write(output, records, probes, found.metadata_columns, config, pool, found.class_order)
     return info
 
 
@@ -130,9 +147,13 @@ def _write(
     metadata_columns: list[str],
     config: PrepareConfig,
     pool: WorkerPool,
+    class_order: list[str] | None = None,
 ) -> DatasetInfo:
     """Convert the readable records into a staging folder while their splits are drawn, sort the PNGs into
-    `<split>/<class>/`, write manifest.csv and dataset.json and rename the folder to `output`."""
+    `<split>/<class>/`, write manifest.csv and dataset.json and rename the folder to `output`.
+
+    The dataset's classes (the index of each model output) keep `class_order` when the source fixes one (given
+    class names), else are sorted; a split or fold left without a class is reported on stderr."""
     valid = [index for index, probe in enumerate(probes) if probe.error is None]
     if not valid:
         raise UserError("no readable images in the source; nothing to prepare")
@@ -140,8 +161,9 @@ def _write(
     sixteen_bit = channels == 1 and any(probes[index].bit_depth == 16 for index in valid)
     bit_depth = config.bit_depth or (16 if sixteen_bit else 8)
     kept = [records[index] for index in valid]
+    dicom = DicomSettings(tuple(config.window) if config.window else None, config.frame)  # type: ignore[arg-type]
     jobs = [
-        Job(record, f"{CONVERTED}/{index}.png", config.size, config.resize, channels, bit_depth)
+        Job(record, f"{CONVERTED}/{index}.png", config.size, config.resize, channels, bit_depth, dicom)
         for index, record in zip(valid, kept, strict=True)
     ]
     staging = output.parent / f".{output.name}.partial"
@@ -149,6 +171,7 @@ def _write(
     (staging / CONVERTED).mkdir(parents=True)
     try:
         converting = pool.imap(_Converter(staging), jobs)  # the workers start on the images now
+        started = time.time()
         import pandas as pd  # meanwhile pandas, sklearn and scipy load here (a second or two)
 
         from classifier.data.splits import assign_splits
@@ -158,12 +181,12 @@ def _write(
             config.split_fractions,
             config.seed,
             folds=config.folds,
-            groups=[record.group for record in kept] if config.group_column else None,
+            groups=[record.group for record in kept] if config.group_column or config.group_tag else None,
             given=[record.split for record in kept],
             multi_label=config.multi_label,
         )
         targets = _target_paths(kept, splits, config.multi_label)
-        converted = list(_progress(converting, len(jobs), "writing"))
+        converted = list(_progress(converting, len(jobs), "writing", started))
         hashes = [probe.sha256 for probe in probes]  # the probe hashed the unreadable files, the converter the others
         bad = [(record.source, probe.error) for record, probe in zip(records, probes, strict=True) if probe.error]
         for index, result in zip(valid, converted, strict=True):
@@ -186,23 +209,34 @@ def _write(
         ).sort_values("path")
         training = [result for _, result, _, split, _ in written if split == "training"]
         mean, std = _mean_std(training, channels, bit_depth)
+        present = set(manifest["label"].str.split().explode() if config.multi_label else manifest["label"])
+        classes = [name for name in class_order or sorted(present) if name in present]
+        unused = [name for name in class_order or [] if name not in present]
+        notes = [f"warning: no images of {', '.join(unused)}; left out of the dataset's classes"] if unused else []
+        notes += missing_classes(manifest, classes, config.multi_label)
+        task = "multi_label" if config.multi_label else "single_label"
+        positive, reason = choose_positive_class(classes, config.positive_class, task)
+        if reason.startswith("chose"):
+            notes.append(f"prepare: positive class {reason}")
         info = DatasetInfo(
-            classes=sorted(set(manifest["label"].str.split().explode() if config.multi_label else manifest["label"])),
+            classes=classes,
             size=config.size,
             channels=channels,
             bit_depth=bit_depth,
             mean=mean,
             std=std,
             seed=config.seed,
-            fractions=config.split_fractions,
+            fractions=_fractions(config),
             folds=config.folds,
             resize=config.resize,
             counts=_counts(manifest, config.multi_label),
-            task="multi_label" if config.multi_label else "single_label",
+            task=task,
+            positive_class=positive,
             fingerprint=_fingerprint(records, hashes, config),
             classifier_version=__version__,
             metadata_columns=metadata_columns,
             skipped=skipped,
+            dicom=dicom.to_plain() if config.window or config.frame is not None else {},
         )
         manifest.to_csv(staging / MANIFEST_FILE, index=False, lineterminator="\n")
         (staging / INFO_FILE).write_text(info.to_json())
@@ -211,7 +245,29 @@ def _write(
         pool.stop()  # no worker may still be writing into the staging folder
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for note in notes:
+        print(note, file=sys.stderr)
     return info
+
+
+def missing_classes(manifest: pd.DataFrame, classes: list[str], multi_label: bool = False) -> list[str]:
+    """A warning line for each split, and each cross-validation fold, that has images but none of some classes
+    (multi-label: no image holding them): their metrics there are left out, not scored."""
+    held = manifest["label"].str.split() if multi_label else manifest["label"].map(lambda label: [label])
+    parts = [(f"the {split} split", manifest["split"] == split) for split in SPLITS]
+    parts += [(f"fold {fold}", manifest["fold"] == fold) for fold in sorted(set(manifest["fold"]) - {-1})]
+    notes = []
+    for where, rows in parts:
+        if rows.any():
+            there = set(held[rows].explode())
+            missing = [name for name in classes if name not in there]
+            if missing:
+                noun = "class" if len(missing) == 1 else "classes"
+                notes.append(
+                    f"warning: {where} has no images of {noun} {', '.join(missing)}; "
+                    f"metrics there leave {'it' if len(missing) == 1 else 'them'} out"
+                )
+    return notes
 
 
 def probe_record(record: Record, hashing: bool = True) -> Probe:
@@ -226,7 +282,7 @@ def probe_record(record: Record, hashing: bool = True) -> Probe:
     try:
         with record.path.open("rb") as file:
             data = file.read() if hashing else b""
-            probe = _read_header(io.BytesIO(data) if hashing else file)
+            probe = _read_header(io.BytesIO(data) if hashing else file, record.source)
             if probe.error and not hashing:
                 file.seek(0)
                 data = file.read()
@@ -248,11 +304,17 @@ def _probe_channels(paths: list[Path], hashing: bool) -> Probe:
     return Probe(digest.hexdigest() if hashing else "", len(paths), 8)
 
 
-def _read_header(file: BinaryIO) -> Probe:
-    """Parse the image header in `file` (Pillow reads no pixel data until asked)."""
-    if not file.read(1):
+def _read_header(file: BinaryIO, name: str = "") -> Probe:
+    """Parse the image header in `file` (Pillow reads no pixel data until asked; pydicom none for DICOM files)."""
+    head = file.read(132)
+    if not head:
         return Probe("", error="empty file (0 bytes)")
     file.seek(0)
+    if is_dicom(head, name):
+        try:
+            return Probe("", *probe_dicom(file, name))
+        except UserError as error:
+            return Probe("", error=error.message.removeprefix(f"{name}: "))
     try:
         with Image.open(file) as image:
             pages = getattr(image, "n_frames", 1) if image.format == "TIFF" and image.mode == "L" else 1
@@ -290,7 +352,7 @@ class _Converter:
                 hashes = [hashlib.sha256(data).hexdigest() for data in files]
                 if record.channel_paths is None:
                     digest = hashes[0]
-                    image = open_image(files[0], size=job.size, name=record.source)
+                    image = open_image(files[0], size=job.size, name=record.source, dicom=job.dicom)
                 else:  # as `_probe_channels` hashes the files of one image
                     digest = hashlib.sha256("".join(hashes).encode()).hexdigest()
                     image = open_channels(files, size=job.size, names=[path.name for path in paths])
@@ -303,6 +365,28 @@ class _Converter:
             return Converted(digest, [int(v) for v in stat.sum], [int(v) for v in stat.sum2], stat.count[0])
         pixels = np.asarray(image, dtype=np.int64).reshape(-1)
         return Converted(digest, [int(pixels.sum())], [int(np.dot(pixels, pixels))], len(pixels))
+
+
+def _group_by_tag(records: list[Record], tag: str, keep: bool) -> list[Record]:
+    """Each record's group from DICOM `tag` (e.g. PatientID): a salted hash of it, or the value itself with `keep`.
+    Files without the tag, and non-DICOM files, are listed in one error."""
+    check_keyword(tag)
+    salt = None if keep else group_salt()
+    grouped, bad = [], []
+    for record in records:
+        if record.path is None or record.channel_paths is not None:
+            raise UserError(f"--group-tag {tag}: needs DICOM files; {record.source} is not one file")
+        try:
+            value = group_value(record.path, tag)
+        except UserError as error:
+            bad.append(error.message)
+            continue
+        grouped.append(replace(record, group=value if salt is None else hashed_group(value, salt)))
+    if bad:
+        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+        listed = "; ".join(bad[:MAX_LISTED])
+        raise UserError(f"--group-tag {tag}: {len(bad)} of {len(records)} files lack it: {listed}{more}")
+    return grouped
 
 
 def _skip_or_fail(bad: list[tuple[str, str]], skip_invalid: bool) -> list[dict[str, str]]:
@@ -343,6 +427,15 @@ def _mean_std(results: list[Converted], channels: int, bit_depth: int) -> tuple[
     return [round(value, 6) for value in sums], [round(value, 6) for value in std]
 
 
+def _fractions(config: PrepareConfig) -> dict[str, float]:
+    """The split fractions as drawn: with folds, the validation share stays in training (its folds validate)."""
+    fractions = config.split_fractions
+    if config.folds:
+        training = round(fractions["training"] + fractions["validation"], 6)
+        return {"training": training, "validation": 0.0, "test": fractions["test"]}
+    return fractions
+
+
 def _counts(manifest: pd.DataFrame, multi_label: bool = False) -> dict[str, dict[str, int]]:
     """Images per split and class (multi-label: images holding each class)."""
     if multi_label:
@@ -352,15 +445,39 @@ def _counts(manifest: pd.DataFrame, multi_label: bool = False) -> dict[str, dict
 
 
 def _fingerprint(records: list[Record], hashes: list[str], config: PrepareConfig) -> str:
-    """sha256 over every record (name, label, group, given split, metadata, content hash) and the output settings."""
-    settings = {
-        key: value for key, value in asdict(config).items() if key not in ("workers", "overwrite", "experiment")
-    }
+    """sha256 over every record (name, label, group, given split, metadata, content hash) and the output settings
+    (not the positive class: it changes no image, and `_with_positive_class` updates it in place)."""
+    ignored = ("workers", "overwrite", "experiment", "positive_class")
+    settings = {key: value for key, value in asdict(config).items() if key not in ignored}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for record, sha256 in zip(records, hashes, strict=True):
         entry = [record.source, record.label, record.group, record.split, record.metadata, sha256]
         digest.update(json.dumps(entry, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _with_positive_class(output: Path, info: DatasetInfo, given: str | None) -> DatasetInfo:
+    """`info` of an already prepared `output`, its positive class changed to `given` (dataset.json rewritten) when one
+    is given and differs."""
+    if given is None or given == info.positive_class:
+        return info
+    positive, _ = choose_positive_class(info.classes, given, info.task)
+    info = replace(info, positive_class=positive)
+    partial = output / f"{INFO_FILE}.partial"
+    partial.write_text(info.to_json())
+    os.replace(partial, output / INFO_FILE)
+    print(f"{output}: positive class is now {positive!r}", file=sys.stderr)
+    return info
+
+
+def _check_apart(source: Path, output: Path) -> None:
+    """Refuse an OUTPUT inside a SOURCE folder (the next prepare of SOURCE would find it as a class) or around
+    SOURCE (replacing OUTPUT would delete the source)."""
+    source, output = source.resolve(), output.resolve()
+    if source.is_dir() and output.is_relative_to(source):
+        raise UserError(f"{output}: OUTPUT is inside SOURCE {source}; choose an OUTPUT outside the source folder")
+    if source.is_relative_to(output):
+        raise UserError(f"{output}: OUTPUT holds SOURCE {source}; choose an OUTPUT outside the source")
 
 
 def _existing(output: Path) -> DatasetInfo | None:
@@ -385,41 +502,23 @@ def _exclusive(output: Path) -> Iterator[None]:
     made = [folder for folder in output.parents if not folder.exists()]  # deepest first
     output.parent.mkdir(parents=True, exist_ok=True)
     path = output.parent / f".{output.name}.lock"
-    descriptor = _lock(path, output)
+    try:
+        descriptor = processes.lock(path)
+    except processes.Held:
+        raise UserError(f"{output}: another prepare is writing OUTPUT; wait for it or choose another OUTPUT") from None
+    except OSError as error:
+        raise UserError(
+            f"{path}: cannot create the lock file ({error.strerror}); check the permissions of OUTPUT's folder"
+        ) from error
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # still locked: a prepare that opened it meanwhile sees it gone (see _lock)
-        os.close(descriptor)
+        processes.unlock(descriptor, path)  # a prepare that opened the file meanwhile sees it gone
         for folder in [] if output.exists() else made:
             try:
                 folder.rmdir()
             except OSError:  # not empty
                 break
-
-
-def _lock(path: Path, output: Path) -> int:
-    """An open descriptor of `path` holding its exclusive flock, or a UserError when another prepare holds it."""
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise UserError(
-                f"{path}: cannot create the lock file ({error.strerror}); check the permissions of OUTPUT's folder"
-            ) from error
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise UserError(
-                f"{output}: another prepare is writing OUTPUT; wait for it or choose another OUTPUT"
-            ) from None
-        try:
-            if os.path.samestat(os.stat(path), os.fstat(descriptor)):
-                return descriptor
-        except FileNotFoundError:
-            pass
-        os.close(descriptor)  # locked a file the prepare before us had just removed: lock the new one
 
 
 def _replace(staging: Path, output: Path) -> None:
@@ -439,13 +538,10 @@ class WorkerPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        # Workers die on terminate() even when the parent caught SIGTERM (`classifier train` turns it into Ctrl-C): a
-        # forked worker would inherit that Python handler, which never runs while it blocks on the task queue.
         self.pool = None
         if workers > 1:
-            self.pool = multiprocessing.Pool(
-                workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)
-            )
+            with _default_sigterm():
+                self.pool = multiprocessing.Pool(workers)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -467,5 +563,27 @@ class WorkerPool:
         return self.pool.imap(function, items, chunksize=max(1, min(8, len(items) // (32 * self.workers))))
 
 
-def _progress(results: Iterator[Any], total: int, what: str) -> Iterable[Any]:
-    return tqdm(results, total=total, desc=what, unit="image", file=sys.stderr)
+@contextmanager
+def _default_sigterm() -> Iterator[None]:
+    """Fork workers with SIGTERM's default action, so terminate() ends them even when the parent caught SIGTERM
+    (`classifier train` turns it into Ctrl-C): an inherited Python handler never runs while a worker blocks on the
+    task queue, and setting it back in each worker would leave a window in which a worker cannot be stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread sets handlers, and only it can have set one
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(results: Iterator[Any], total: int, what: str, started: float | None = None) -> Iterable[Any]:
+    """A bar over `results` whose rate is their mean since the work `started` (time.time(); default now).
+
+    The writing bar is read only once the splits are drawn, by when many images are done: timed from its own start,
+    with tqdm's smoothed rate, it would show those as millions of images a second."""
+    bar = progress(results, total=total, desc=what, unit="image", smoothing=0)
+    if started is not None:
+        bar.start_t = started  # the elapsed time (and so the rate) counts from when the workers began
+    return bar

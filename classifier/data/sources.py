@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.data.images import IMAGE_SUFFIXES
+from classifier.data.images import IMAGE_SUFFIXES, is_image_file
 from classifier.errors import UserError
 
 SPLIT_ALIASES = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
@@ -23,7 +23,8 @@ MAX_LISTED = 5
 @dataclass
 class Record:
     """One labelled image of the source: a file (`path`), one file per channel (`channel_paths`) or an array
-    (`pixels`), named by `source` in the manifest. Multi-label records hold their sorted classes space-separated."""
+    (`pixels`), named by `source` in the manifest. Multi-label records hold their classes space-separated, in class
+    order (see `in_class_order`)."""
 
     source: str
     label: str
@@ -41,10 +42,12 @@ class Record:
 
 @dataclass
 class Source:
-    """The records of a source, with the metadata columns (CSV sources) to carry into the manifest."""
+    """The records of a source, with the metadata columns (CSV sources) to carry into the manifest, and the class
+    order the source fixes (the given `--class-names`, or an .npz's label numbers; None: alphabetical)."""
 
     records: list[Record]
     metadata_columns: list[str] = field(default_factory=list)
+    class_order: list[str] | None = None
 
 
 def read_source(
@@ -77,6 +80,9 @@ def read_source(
         return _read_csv(source, path_column, label_column, group_column, class_names, multi_label, channel_files)
     elif source.suffix.lower() == ".npz" and source.is_file():
         records = _read_npz(source, class_names)
+        numbers = sorted({record.label for record in records}, key=int) if class_names is None else class_names
+        _check_classes(source, records)
+        return Source(records, class_order=numbers)
     elif not source.exists():
         raise UserError(f"{source}: no such file or folder; pass a folder of class folders, a .csv or a .npz")
     else:
@@ -95,12 +101,12 @@ def _subfolders(root: Path) -> list[Path]:
 
 def _image_files(folder: Path) -> list[Path]:
     files = (path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
-    return sorted(path for path in files if path.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(path for path in files if is_image_file(path))
 
 
 def _read_class_folders(root: Path, split: str | None = None, relative_to: Path | None = None) -> list[Record]:
     relative_to = relative_to or root
-    loose = [path for path in root.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
+    loose = [path for path in root.iterdir() if path.is_file() and is_image_file(path)]
     if loose:
         raise UserError(f"{loose[0]}: image outside a class folder; move it into {root}/<class>/")
     records = []
@@ -181,7 +187,7 @@ def _read_csv(
         records.append(
             Record(
                 row[path_column],
-                " ".join(sorted(set(named))),
+                " ".join(in_class_order(set(named), class_names)),
                 path=image,
                 group=row[group_column] if group_column else "",
                 split=split,
@@ -204,7 +210,15 @@ def _read_csv(
     if not records:
         raise UserError(f"{path}: no rows; list one image per row with columns {path_column},{label_column}")
     _check_classes(path, records, multi_label)
-    return Source(records, metadata_columns)
+    return Source(records, metadata_columns, class_names)
+
+
+def in_class_order(names: set[str] | list[str], class_order: list[str] | None) -> list[str]:
+    """`names` in the order of `class_order` (the given class names), or alphabetical without one."""
+    if class_order is None:
+        return sorted(names)
+    position = {name: index for index, name in enumerate(class_order)}
+    return sorted(names, key=position.__getitem__)
 
 
 def _named_class(name: str, class_names: list[str] | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ def image_to_tensor(image: Image.Image, bit_depth: int) -> torch.Tensor:
 class Normalise(torch.nn.Module):
     """(x - mean) / std with the training split's per-channel statistics (stored by prepare), as one multiply-add.
 
-    uint8 batches (8-bit data) are scaled to [0, 1] in the same step; float batches are taken as already in [0, 1].
+    uint8 and uint16 batches (8- and 16-bit data) are scaled to [0, 1] in the same step; float batches are taken as
+    already in [0, 1].
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -30,21 +32,44 @@ class Normalise(torch.nn.Module):
         scale = 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).clamp_min(1e-6)
         self.register_buffer("scale", scale)
         self.register_buffer("byte_scale", scale / 255.0)
+        self.register_buffer("word_scale", scale / 65535.0)
         self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            return images.float().mul_(self.byte_scale).sub_(self.shift)
+        if images.dtype in (torch.uint8, torch.uint16):
+            scale = self.byte_scale if images.dtype == torch.uint8 else self.word_scale
+            return images.float().mul_(scale).sub_(self.shift)
         return (images.float() * self.scale).sub_(self.shift)
 
 
+class RandomGamma(torch.nn.Module):
+    """Gamma correction, the gamma drawn log-uniformly from `gammas` (torchvision has the correction, not the draw)."""
+
+    def __init__(self, gammas: tuple[float, float] = (0.8, 1.25)) -> None:
+        super().__init__()
+        self.log_gammas = (math.log(gammas[0]), math.log(gammas[1]))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gamma = math.exp(torch.empty(()).uniform_(*self.log_gammas).item())
+        return v2.functional.adjust_gamma(image, gamma)
+
+
 def augmentation(recipe: str, size: int) -> v2.Compose | None:
-    """Per-image training augmentation on CxHxW tensors: none, light (flip, small affine) or strong."""
+    """Per-image training augmentation on CxHxW tensors: none, light (flip, small affine), strong, or xray (no flip,
+    small affine, brightness, contrast and gamma; the image keeps its dtype, as with light)."""
     if recipe == "none":
         return None
     if recipe == "light":
         return v2.Compose(
             [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05))]
+        )
+    if recipe == "xray":  # no flips: anatomy and side markers have a left and a right, a top and a bottom
+        return v2.Compose(
+            [
+                v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+                v2.ColorJitter(brightness=0.2, contrast=0.2),
+                RandomGamma((0.8, 1.25)),
+            ]
         )
     return v2.Compose(
         [
@@ -59,6 +84,22 @@ def augmentation(recipe: str, size: int) -> v2.Compose | None:
     )
 
 
-def flips(images: torch.Tensor) -> list[torch.Tensor]:
-    """Test-time augmentation views of a NCHW batch: as is, flipped left-right and flipped upside down."""
-    return [images, images.flip(-1), images.flip(-2)]
+def flips(images: torch.Tensor, dims: Sequence[int] = (-1,)) -> list[torch.Tensor]:
+    """Test-time augmentation views of a NCHW batch: as is, and flipped along each of `dims` (-1 left-right, -2
+    upside down)."""
+    return [images, *(images.flip(dim) for dim in dims)]
+
+
+def recipe_flips(recipe: str) -> tuple[int, ...]:
+    """The flips a training recipe makes (as `flips` dims): test-time augmentation shows a model only views it was
+    trained on, so never an upside-down x-ray to a model that never saw one."""
+    transform = augmentation(recipe, 8)
+    steps = transform.transforms if transform is not None else []
+    kinds = ((v2.RandomHorizontalFlip, -1), (v2.RandomVerticalFlip, -2))
+    return tuple(dim for kind, dim in kinds if any(isinstance(step, kind) for step in steps))
+
+
+def checkpoint_flips(checkpoint: dict) -> tuple[int, ...]:
+    """The test-time flips of a checkpoint's model: those of its training recipe (an ensemble's: its first member's
+    recipe is not stored, so left-right only, what every recipe but `none` does)."""
+    return recipe_flips((checkpoint.get("config") or {}).get("augment", "light"))
