@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -486,6 +487,10 @@ train_options = [
         "works on another machine; 0 never. [5]",
     ),
     _flag("--system-metrics", "Log CPU/GPU/memory use to the run. [true]"),
+    _flag(
+        "--keep-outputs",
+        "Keep the local OUTPUT_DIR/RUN_ID folder of a finished run (its model and report are in MLflow). [false]",
+    ),
 ]
 
 
@@ -519,7 +524,17 @@ def train_command(data: Path, config_path: Path | None, run_name: str | None, **
         result = fit(config, data, run_name=run_name)
     scores = ", ".join(f"{key} {value:.4f}" for key, value in result.best_metrics.items() if key.startswith("val_"))
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}: {scores}")
-    click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
+    if config.keep_outputs:
+        click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
+    else:
+        _discard_outputs(config, [result.run_id])
+        click.echo(f"model {result.model_uri}")
+
+
+def _discard_outputs(config: Any, run_ids: list[str]) -> None:
+    """Remove the local output folders of finished runs, everything of which MLflow holds now."""
+    for run_id in run_ids:
+        shutil.rmtree(Path(config.output_dir) / run_id, ignore_errors=True)
 
 
 @main.command("cv")
@@ -534,6 +549,8 @@ def cv_command(data: Path, config_path: Path | None, run_name: str | None, **opt
     config = _train_config(config_path, options)
     with stopping.on_signals():
         result = cross_validate(config, data, run_name=run_name)
+    if not config.keep_outputs:
+        _discard_outputs(config, result.fold_run_ids)
     click.echo(f"each fold's best epoch, mean ± std over {len(result.fold_run_ids)} folds:")
     for key in sorted(result.mean):
         click.echo(f"best_{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")

@@ -383,6 +383,7 @@ class TrainConfig:
     checkpoint_upload_minutes: float = 5.0  # best.pt + last.pt to the artifact store while training; 0: never
     resume: str | None = None
     system_metrics: bool = True
+    keep_outputs: bool = False  # keep OUTPUT_DIR/RUN_ID once the run is logged (`classifier train` and `cv` remove it)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "step_size"):

@@ -22,6 +22,7 @@ from classifier.data.transforms import Normalise, image_to_tensor
 from classifier.evaluation.evaluate import evaluate
 from classifier.measure.metrics import classification_metrics
 from classifier.measure.threshold import choose_threshold
+from classifier.model.checkpoint import read_checkpoint
 from classifier.nets.ensemble import Ensemble
 from classifier.nets.models import create_model, model_from_checkpoint
 from classifier.tune.ensemble import build_ensemble
@@ -74,13 +75,10 @@ def test_study_ensemble_is_scored_beside_its_members_logged_and_registered(tmp_p
     assert list(result.table["model"]) == ["ensemble", "member0", "member1", "member2"]
     assert list(result.table["source"])[1:] == run_ids
     assert list(result.table["trial"])[1:] == [str(trial.number) for trial in ranked]
-    # A search keeps no local trial folders: each member's weights are the best checkpoint its run logged.
+    # A search keeps no local trial folders: each member's weights are those of the model its run logged.
     assert not any((tmp_path / "out" / run_id).exists() for run_id in run_ids)
     checkpoints = [
-        torch.load(
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp_path),
-            weights_only=True,
-        )
+        read_checkpoint(next(Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model")).rglob("*.pt")))
         for run_id in run_ids
     ]
     networks = [model_from_checkpoint(checkpoint) for checkpoint in checkpoints]
@@ -175,7 +173,7 @@ def test_runs_without_checkpoints_and_missing_studies_are_refused(tmp_path: Path
         study_name="one", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
     ).add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"mlflow_run_id": member}))
     cases = {
-        (f"--runs={empty.info.run_id},{member}",): f"run {empty.info.run_id} has no checkpoints/best.pt",
+        (f"--runs={empty.info.run_id},{member}",): f"run {empty.info.run_id} has no checkpoints/best.pt nor model",
         ("--study=one", f"--storage={journal}"): "--study one: 1 completed trial(s); an ensemble needs at least 2",
         ("--study=two", f"--storage={journal}"): "--study two: no such study in that storage (studies: one)",
         ("--study=one", f"--storage={tmp_path / 'none.journal'}"): "no Optuna journal there",

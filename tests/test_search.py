@@ -212,12 +212,16 @@ class Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_finished_trials_leave_their_weights_in_mlflow_and_no_local_folder_unless_kept(tmp_path, dataset):
+def test_finished_trials_leave_one_copy_of_their_weights_in_mlflow_and_no_local_folder_unless_kept(
+    tmp_path, dataset, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     outputs = tmp_path / "outputs"
     config = tmp_path / "experiment.yaml"
     space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     search = {"space": space, "n_trials": 2, "pruner": "none"}
-    config.write_text(yaml.safe_dump({"train": {"epochs": 1, "output_dir": str(outputs)}, "search": search}))
+    train = {"epochs": 1, "output_dir": str(outputs), "system_metrics": True, "checkpoint_upload_minutes": 1e-6}
+    config.write_text(yaml.safe_dump({"train": train, "search": search}))
 
     def trial_runs(study_name: str, *args: str) -> set[str]:
         command = ["search", str(dataset), "--config", str(config), "--study-name", study_name, *args]
@@ -227,9 +231,18 @@ def test_finished_trials_leave_their_weights_in_mlflow_and_no_local_folder_unles
 
     lean = trial_runs("lean")
     assert [path.name for path in outputs.iterdir() if path.is_dir()] == []
-    for run_id in lean:
-        stored = {item.path for item in mlflow.MlflowClient().list_artifacts(run_id, "checkpoints")}
-        assert stored == {"checkpoints/best.pt"}
+    client = mlflow.MlflowClient()
+    for run_id in lean:  # uploaded while training (resumable elsewhere), gone once the model is logged
+        assert client.list_artifacts(run_id, "checkpoints") == []
+        run = client.get_run(run_id)
+        found = f"source_run_id = '{run_id}'"
+        assert len(mlflow.search_logged_models([run.info.experiment_id], found, output_format="list")) == 1
+        assert not [key for key in client.get_run(run_id).data.metrics if key.startswith("system/")]
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("classifier").experiment_id],
+        "tags.optuna_study = 'lean' and tags.search_metric = 'val_log_loss'",
+    )
+    assert any(key.startswith("system/cpu_utilization") for key in parent.data.metrics)  # sampled once, for the study
     kept = trial_runs("kept", "--keep-outputs")
     assert {path.name for path in outputs.iterdir() if path.is_dir()} == kept
 

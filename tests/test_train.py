@@ -67,7 +67,11 @@ def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_pat
     reports = {"confusion_matrix.png", "confusion_matrix_normalised.png", "roc_curve.png", "pr_curve.png"}
     reports |= {"learning_curves.png", "classification_report.txt", "classification_report.json"}
     assert {f"evaluation/{name}" for name in reports} <= artifacts
-    assert "checkpoints/best.pt" in artifacts and "checkpoints/last.pt" not in artifacts  # a finished run never resumes
+    assert not [path for path in artifacts if path.startswith("checkpoints/")]  # one copy of the weights: the model
+    (model,) = mlflow.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'", output_format="list"
+    )
+    assert model.metrics and {metric.key for metric in model.metrics} >= {"best_val_macro_f1", "best_epoch"}
     logged_config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{result.run_id}/config/train.yaml"))
     assert logged_config["epochs"] == 3 and logged_config["augment"] == "none"
     checkpoint = torch.load(result.checkpoint, weights_only=True)
@@ -208,6 +212,12 @@ def test_cli_merges_yaml_and_command_line(grey_pair: Path, tmp_path: Path) -> No
     run_id = re.search(r"^run ([0-9a-f]{32}):", result.stdout, re.MULTILINE).group(1)
     params = mlflow.MlflowClient().get_run(run_id).data.params
     assert (params["epochs"], params["lr"], params["augment"]) == ("1", "0.005", "none")
+    assert not (output / run_id).exists()  # all of it is in MLflow now
+    kept = CliRunner().invoke(
+        main, ["train", str(grey_pair), "--config", str(yaml_file), "--output-dir", str(output), "--keep-outputs"]
+    )
+    kept_id = re.search(r"^run ([0-9a-f]{32}):", kept.stdout, re.MULTILINE).group(1)
+    assert (output / kept_id / "best.pt").is_file()
 
 
 @pytest.mark.parametrize(

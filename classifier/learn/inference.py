@@ -117,17 +117,26 @@ def load_checkpoint(model: str, scratch: Path) -> dict[str, Any]:
     if Path(model).is_file():
         path = Path(model)
     elif RUN_ID.fullmatch(model):
-        path = tracking.download_artifact(model, f"checkpoints/{BEST}", scratch)
+        path = tracking.download_artifact(model, f"checkpoints/{BEST}", scratch)  # a fold's: it logs no model
         if path is None:
-            raise UserError(f"run {model} has no checkpoints/{BEST}; pass a checkpoint file or a model URI")
+            unlogged = f"run {model} has no checkpoints/{BEST} nor model"
+            try:
+                path = _logged_checkpoint(f"runs:/{model}/model", scratch, unlogged)
+            except UserError:
+                raise UserError(f"{unlogged}; pass a checkpoint file or a model URI") from None
     elif ":/" in model:
-        found = sorted(tracking.download_model(model, scratch).rglob("*.pt"))
-        if not found:
-            raise UserError(f"{model}: holds no checkpoint (.pt); pass a model logged by `classifier train`")
-        path = found[0]
+        path = _logged_checkpoint(model, scratch, f"{model}: holds no checkpoint (.pt)")
     else:
         raise UserError(f"{model}: not a checkpoint file, run id or MLflow model URI (models:/NAME@alias, runs:/...)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"{model}: not a checkpoint written by `classifier train` ({type(error).__name__})") from error
+
+
+def _logged_checkpoint(model_uri: str, scratch: Path, missing: str) -> Path:
+    """The checkpoint file inside the logged model at `model_uri`; `missing` says what is wrong when there is none."""
+    found = sorted(tracking.download_model(model_uri, scratch).rglob("*.pt"))
+    if not found:
+        raise UserError(f"{missing}; pass a checkpoint file or a model logged by `classifier train`")
+    return found[0]

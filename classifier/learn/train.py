@@ -54,7 +54,15 @@ from classifier.nets.models import apply_model, create_model, frozen_backbone, h
 
 LAST = "last.pt"  # the resume checkpoint, beside BEST
 RESUME_TAG = "classifier.resume_key"
-NOT_IN_RESUME_KEY = ("resume", "output_dir", "system_metrics", "num_workers", "cache", "checkpoint_upload_minutes")
+NOT_IN_RESUME_KEY = (
+    "resume",
+    "output_dir",
+    "system_metrics",
+    "num_workers",
+    "cache",
+    "checkpoint_upload_minutes",
+    "keep_outputs",
+)
 
 
 @dataclass
@@ -504,7 +512,7 @@ class Trainer:
 
         A stop request between these steps ends the run KILLED; resuming it does them again."""
         stopping.check()
-        best = torch.load(folder / BEST, map_location=self.device, weights_only=True)
+        best = torch.load(folder / BEST, map_location="cpu", weights_only=True)  # re-saved below: CPU tensors
         self.scored.load_state_dict(best["state_dict"])
         logged: dict[str, float] = {}
         if self.config.calibrate == "temperature":  # before the threshold, which is then tuned on what is served
@@ -549,8 +557,9 @@ class Trainer:
             (report / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
             (upload / "config").mkdir()
             (upload / "config" / "train.yaml").write_text(yaml.safe_dump(config_dict(self.config), sort_keys=False))
-            (upload / "checkpoints").mkdir()
-            os.link(folder / BEST, upload / "checkpoints" / BEST)  # last.pt stays local: a finished run never resumes
+            if not log_model:  # a fold of cv or of a search: no model of its own, so its best.pt is what is kept
+                (upload / "checkpoints").mkdir()
+                os.link(folder / BEST, upload / "checkpoints" / BEST)
             stopping.check()
             tracking.log_artifacts(upload)
         summary = {f"best_{key}": value for key, value in self.best_metrics.items() if key.startswith("val_")}
@@ -561,10 +570,12 @@ class Trainer:
             model = log_classifier_model(folder / BEST, name="model")
             model_id, model_uri = model.model_id, model.model_uri
         tracking.log_metrics(summary, model_id=model_id)  # with a model: its scores in the UI's Models view
-        if self.resume_state_stored:
-            refused = tracking.try_delete_artifact(tracking.active_run_id(), f"checkpoints/{LAST}")
-            if refused:
-                print(f"train: checkpoints/{LAST} stays in the run's artifacts ({refused})", file=sys.stderr)
+        if self.resume_state_stored:  # a finished run never resumes: one copy of its best weights stays
+            uploaded = [f"checkpoints/{LAST}"] + ([f"checkpoints/{BEST}"] if log_model else [])
+            for path in uploaded:
+                refused = tracking.try_delete_artifact(tracking.active_run_id(), path)
+                if refused:
+                    print(f"train: {path} stays in the run's artifacts ({refused})", file=sys.stderr)
         return model_uri
 
 

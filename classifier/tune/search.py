@@ -121,7 +121,12 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
     os.environ["MLFLOW_TRACKING_URI"] = tracking.connect()
     handler = stale_trial_handler(train.experiment, config)
     study = open_study(config, study_name, metric, maximize, handler)
-    with tracking.start_run(train.experiment, f"search {study_name}", tags={STUDY_TAG: study_name}) as run:
+    # system metrics once, on the parent run (the machine, all its workers), not per trial: a trial's end would wait on
+    # its own monitor thread
+    parent = tracking.start_run(
+        train.experiment, f"search {study_name}", tags={STUDY_TAG: study_name}, system_metrics=train.system_metrics
+    )
+    with parent as run:
         parent_run_id = run.info.run_id
         os.environ["MLFLOW_EXPERIMENT_ID"] = run.info.experiment_id
         launcher = json.dumps(processes.identity())  # lets the next launcher end this run should this process die
