@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +151,21 @@ def main(verbose: bool) -> None:
     type=blank_is_unset(str),
     help="Architecture for every trial (overrides the train section and the space).",
 )
-def search_command(data: Path, config_path: Path | None, epochs: int | None, model: str | None, **options: Any) -> None:
+def search_command(
+    data: Path,
+    config_path: Path | None,
+    epochs: int | None,
+    model: str | None,
+    keep_outputs: bool | None,
+    **options: Any,
+) -> None:
     """Tune training on prepared dataset DATA with an Optuna study; register the best model as `champion`."""
     from classifier.config import SearchConfig, TrainConfig, build_config, load_section
     from classifier.tune.search import search
 
     origin = str(config_path or "command line")
-    train = build_config(
-        TrainConfig, load_section(config_path, "train"), {"epochs": epochs, "model": model}, origin=origin
-    )
+    overrides = {"epochs": epochs, "model": model, "keep_outputs": keep_outputs}
+    train = build_config(TrainConfig, load_section(config_path, "train"), overrides, origin=origin)
     config = build_config(SearchConfig, load_section(config_path, "search"), options, origin=origin)
     for name, value in {"epochs": epochs, "model": model}.items():
         if value is not None:
@@ -517,7 +522,7 @@ def _train_config(config_path: Path | None, options: dict[str, Any]) -> Any:
 @click.option("--run-name", type=blank_is_unset(str), help="MLflow run name.")
 def train_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
     """Train a classifier on prepared dataset DATA in one MLflow run (running it again resumes a killed run)."""
-    from classifier.learn.train import fit
+    from classifier.learn.train import discard_outputs, fit
 
     config = _train_config(config_path, options)
     with stopping.on_signals():  # Ctrl-C or `kill PID`: the run ends KILLED between two batches, resumable
@@ -527,14 +532,8 @@ def train_command(data: Path, config_path: Path | None, run_name: str | None, **
     if config.keep_outputs:
         click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
     else:
-        _discard_outputs(config, [result.run_id])
+        discard_outputs(config.output_dir, [result.run_id])
         click.echo(f"model {result.model_uri}")
-
-
-def _discard_outputs(config: Any, run_ids: list[str]) -> None:
-    """Remove the local output folders of finished runs, everything of which MLflow holds now."""
-    for run_id in run_ids:
-        shutil.rmtree(Path(config.output_dir) / run_id, ignore_errors=True)
 
 
 @main.command("cv")
@@ -545,12 +544,13 @@ def _discard_outputs(config: Any, run_ids: list[str]) -> None:
 def cv_command(data: Path, config_path: Path | None, run_name: str | None, **options: Any) -> None:
     """Cross-validate on the folds of DATA: a parent run with one nested run per fold, mean and std of each metric."""
     from classifier.learn.cv import cross_validate
+    from classifier.learn.train import discard_outputs
 
     config = _train_config(config_path, options)
     with stopping.on_signals():
         result = cross_validate(config, data, run_name=run_name)
     if not config.keep_outputs:
-        _discard_outputs(config, result.fold_run_ids)
+        discard_outputs(config.output_dir, result.fold_run_ids)
     click.echo(f"each fold's best epoch, mean ± std over {len(result.fold_run_ids)} folds:")
     for key in sorted(result.mean):
         click.echo(f"best_{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")

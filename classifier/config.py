@@ -267,7 +267,6 @@ class SearchConfig:
     max_retry: int = 2
     register_as: str | None = None
     enqueue: Path | None = None
-    keep_outputs: bool = False
     space: dict[str, Any] = dataclasses.field(default_factory=default_search_space)
 
     def validate(self) -> None:

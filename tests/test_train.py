@@ -374,3 +374,16 @@ def test_binary_model_keeps_the_validation_threshold_reaching_the_target_recall(
     assert logged["val_prevalence"] == pytest.approx(positive.mean())  # the mix of patients it was tuned on
     assert "malignant if prob_malignant >= threshold" in load_classifier(str(result.checkpoint)).rule
     assert "recall 1 on validation, " in load_classifier(str(result.checkpoint)).rule
+
+
+def test_a_bf16_or_cpu_run_resumes_where_the_loss_scaler_is_on() -> None:
+    from classifier.learn.train import load_scaler_state
+
+    off = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # what a bf16 or CPU run's last.pt holds
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    with pytest.raises(RuntimeError):
+        fp16.load_state_dict(off)  # what resuming did before
+    load_scaler_state(fp16, off)
+    assert fp16.get_scale() == 8.0  # starts afresh
+    load_scaler_state(fp16, torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0).state_dict())
+    assert fp16.get_scale() == 2.0  # an fp16 run's scale continues

@@ -118,14 +118,14 @@ def load_checkpoint(model: str, scratch: Path) -> dict[str, Any]:
         path = Path(model)
     elif RUN_ID.fullmatch(model):
         path = tracking.download_artifact(model, f"checkpoints/{BEST}", scratch)  # a fold's: it logs no model
-        if path is None:
-            unlogged = f"run {model} has no checkpoints/{BEST} nor model"
+        if path is None:  # a finished run keeps its weights only in its logged model
             try:
-                path = _logged_checkpoint(f"runs:/{model}/model", scratch, unlogged)
+                path = _logged_checkpoint(f"runs:/{model}/model", scratch)
             except UserError:
+                unlogged = f"run {model} has no checkpoints/{BEST} nor model"
                 raise UserError(f"{unlogged}; pass a checkpoint file or a model URI") from None
     elif ":/" in model:
-        path = _logged_checkpoint(model, scratch, f"{model}: holds no checkpoint (.pt)")
+        path = _logged_checkpoint(model, scratch)
     else:
         raise UserError(f"{model}: not a checkpoint file, run id or MLflow model URI (models:/NAME@alias, runs:/...)")
     try:
@@ -134,9 +134,11 @@ def load_checkpoint(model: str, scratch: Path) -> dict[str, Any]:
         raise UserError(f"{model}: not a checkpoint written by `classifier train` ({type(error).__name__})") from error
 
 
-def _logged_checkpoint(model_uri: str, scratch: Path, missing: str) -> Path:
-    """The checkpoint file inside the logged model at `model_uri`; `missing` says what is wrong when there is none."""
+def _logged_checkpoint(model_uri: str, scratch: Path) -> Path:
+    """The checkpoint file inside the logged model at `model_uri`."""
     found = sorted(tracking.download_model(model_uri, scratch).rglob("*.pt"))
     if not found:
-        raise UserError(f"{missing}; pass a checkpoint file or a model logged by `classifier train`")
+        raise UserError(
+            f"{model_uri}: holds no checkpoint (.pt); pass a checkpoint file or a model logged by `classifier train`"
+        )
     return found[0]

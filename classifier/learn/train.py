@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,12 @@ class FitResult:
     monitor: str
     model_uri: str | None
     checkpoint: Path
+
+
+def discard_outputs(output_dir: Path | str, run_ids: Iterable[str]) -> None:
+    """Remove the local OUTPUT_DIR/RUN_ID folders of runs whose model (or a fold's best.pt) MLflow now holds."""
+    for run_id in run_ids:
+        shutil.rmtree(Path(output_dir) / run_id, ignore_errors=True)
 
 
 def fit(
@@ -490,7 +496,7 @@ class Trainer:
         self.model.load_state_dict(state.get("model_state_dict", state["state_dict"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self.epoch, self.best_epoch = state["epoch"], state["best_epoch"]
         self.best_metrics, self.stale_epochs, self.history = (
             state["best_metrics"],
@@ -499,8 +505,9 @@ class Trainer:
         )
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng["cuda"] and self.device.type == "cuda":  # the GPUs this process sees: resumes on fewer or more
+            for index, cuda_state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
         kind, keys, *rest = rng["numpy"]
         np.random.set_state((kind, keys.numpy(), *rest))
         random.setstate(_as_tuples(rng["python"]))
@@ -640,6 +647,13 @@ def make_mixup(config: TrainConfig, num_classes: int, multi_label: bool) -> Mixu
         label_smoothing=0.0,
         num_classes=num_classes,
     )
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Continue an fp16 run's loss scale; a run whose scaler was off (bf16, CPU) left no state, and an fp16 scaler
+    then starts afresh: a bf16 run resumes on a GPU without bf16."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
 
 
 def make_ema(model: nn.Module, decay: float) -> ModelEmaV3:

@@ -11,7 +11,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ from classifier import console, processes, stopping, tracking
 from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.data.layout import read_info
 from classifier.errors import UserError
-from classifier.learn.train import check_metric, epoch_metric_names, fit, resolve_monitor
+from classifier.learn.train import check_metric, discard_outputs, epoch_metric_names, fit, resolve_monitor
 from classifier.tune.refit import FOLD_RUNS_ATTR, refit_folds
 from classifier.tune.space import parse_space, read_enqueued, suggest
 from classifier.tune.storage import open_storage
@@ -531,11 +530,8 @@ class Objective:
     def discard_outputs(self, trial: optuna.Trial) -> None:
         """Remove the local output folders of a trial that ended complete (its best.pt and model are logged) or
         pruned (never continued), and of the run it continued; `--keep-outputs` keeps them."""
-        if self.job.search.keep_outputs:
-            return
-        runs = self.trial_runs | ({trial.user_attrs.get(RESUME_ATTR)} - {None})
-        for run_id in runs:
-            shutil.rmtree(Path(self.job.train.output_dir) / run_id, ignore_errors=True)
+        if not self.job.train.keep_outputs:
+            discard_outputs(self.job.train.output_dir, self.trial_runs | ({trial.user_attrs.get(RESUME_ATTR)} - {None}))
 
     def skip_if_full(self, trial: optuna.Trial) -> None:
         """End this trial unrun (FAILED, user attr `skipped`) when the --n-trials trials created before it fill the
