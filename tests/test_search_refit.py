@@ -58,6 +58,11 @@ def test_cross_validated_trials_rank_on_log_loss_and_the_champion_is_the_best_tr
     client = mlflow.MlflowClient()
     fold_losses = [client.get_run(run).data.metrics["best_val_log_loss"] for run in fold_runs]
     assert best.value == pytest.approx(np.mean(fold_losses))  # the objective is the folds' mean
+    # the pruner sees fold means: fold k's epoch e at step 2k + e, averaged with the folds before it
+    for fold, run in enumerate(fold_runs):
+        last_epoch = client.get_metric_history(run, "val_log_loss")[-1].value
+        fold_mean = (sum(fold_losses[:fold]) + last_epoch) / (fold + 1)
+        assert best.intermediate_values[2 * fold + 1] == pytest.approx(fold_mean)
 
     champion = client.get_model_version_by_alias("s", "champion")
     checkpoint = load_checkpoint("models:/s@champion", tmp_path / "download")

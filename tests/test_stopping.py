@@ -133,4 +133,5 @@ def test_sigkill_after_a_checkpoint_loses_no_epoch_metrics(grey_pair: Path, tmp_
     assert f"resuming run {run_id}" in again.stderr
     assert status(run_id) == "FINISHED"
     for metric in ("val_loss", "train_loss", "lr"):
-        assert steps(run_id, metric) == [0, 1, 2, 3], metric
+        # every epoch is there; one killed after its metrics but before its checkpoint is trained and logged again
+        assert sorted(set(steps(run_id, metric))) == [0, 1, 2, 3], metric

@@ -564,7 +564,8 @@ class Objective:
     def cross_validate(
         self, trial: optuna.Trial, config: TrainConfig, tags: dict[str, str], params: dict[str, Any]
     ) -> float:
-        """The mean of the best metric over folds 0..k-1; fold k reports epochs at steps k*epochs + epoch."""
+        """The mean of the best metric over folds 0..k-1. Fold k reports, at step k*epochs + epoch, the mean of the
+        folds so far (the finished folds' best metric and its own current one): the pruner compares fold means."""
         scores, fold_runs = [], []
         with tracking.start_run(config.experiment, f"trial-{trial.number}", tags, self.job.parent_run_id) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
@@ -576,7 +577,7 @@ class Objective:
                     run_name=f"trial-{trial.number}-fold-{fold}",
                     tags=tags,
                     fold=fold,
-                    on_epoch_end=self.reporter(trial, offset=fold * config.epochs),
+                    on_epoch_end=self.reporter(trial, offset=fold * config.epochs, finished_folds=tuple(scores)),
                     log_model=False,
                 )
                 scores.append(result.best_metrics[self.job.metric])
@@ -586,9 +587,12 @@ class Objective:
             tracking.log_summary(run.info.run_id, {f"cv_mean_{self.job.metric}": score}, params, {})
         return score
 
-    def reporter(self, trial: optuna.Trial, offset: int = 0, record_run: bool = False) -> Any:
-        """Report each epoch's metric to the pruner (from step `offset`); with `record_run`, first record the trial's
-        MLflow run (a retry of the trial, should this worker die, continues that run's checkpoint)."""
+    def reporter(
+        self, trial: optuna.Trial, offset: int = 0, record_run: bool = False, finished_folds: tuple[float, ...] = ()
+    ) -> Any:
+        """Report each epoch's metric to the pruner (from step `offset`), averaged with the scores of
+        `finished_folds`; with `record_run`, first record the trial's MLflow run (a retry of the trial, should this
+        worker die, continues that run's checkpoint)."""
         metric = self.job.metric
         recorded = not record_run
 
@@ -600,9 +604,11 @@ class Objective:
                 recorded = True
             if metric not in metrics:
                 raise UserError(f"search: metric '{metric}' is not logged by training; use one of {', '.join(metrics)}")
-            trial.report(metrics[metric], offset + epoch)
+            value = (sum(finished_folds) + metrics[metric]) / (len(finished_folds) + 1)
+            trial.report(value, offset + epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
+                folds = f" (mean of {len(finished_folds) + 1} folds)" if finished_folds else ""
+                raise optuna.TrialPruned(f"{metric}={value:.4f}{folds} at epoch {epoch}")
             if budget_spent(self.job):
                 raise optuna.TrialPruned(f"the search's budget is spent (epoch {epoch})")
 
