@@ -1,5 +1,8 @@
 """Search figures on PneumoniaMNIST: trials/hour with 1 and 2 workers, and epochs saved by median pruning.
 
+Each study is one `classifier search` command (a subprocess, as a user runs it: imports, launcher, workers and
+the champion's registration included), tracked in a folder of its own.
+
 1. Throughput: the same study (no pruning, 20 trials) with `--n-workers 1` and `--n-workers 2`, one CPU thread per
    worker, so the ratio shows what the launcher, the shared journal storage and MLflow tracking cost. Target: >= 1.8x.
    Start-up: from the command's start to its first trial's start, and to the last worker's first trial; starting 2
@@ -19,16 +22,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import optuna
+import yaml
 
-from classifier.config import PrepareConfig, SearchConfig, TrainConfig, build_config
+from classifier.config import PrepareConfig
 from classifier.data.prepare import prepare
-from classifier.tune.search import search
 from classifier.tune.storage import open_storage
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
@@ -49,18 +54,24 @@ def pneumonia_subset(scratch: Path, train_images: int) -> Path:
 def run_study(
     scratch: Path, data: Path, name: str, train: dict, search_options: dict
 ) -> tuple[float, optuna.Study, datetime.datetime]:
-    """Run one study tracked in its own folder; return its wall time, the finished study and when it started."""
+    """Run one study as a `classifier search` command tracked in its own folder; return its wall time, the finished
+    study and when the command started."""
     folder = scratch / name
     folder.mkdir()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    config = build_config(
-        SearchConfig, {"study_name": name, "storage": str(folder / "optuna.journal"), **search_options}
-    )
+    storage = str(folder / "optuna.journal")
+    experiment = folder / "experiment.yaml"
+    sections = {
+        "train": {**TRAIN, **train, "output_dir": str(folder / "outputs")},
+        "search": {"study_name": name, "storage": storage, **search_options},
+    }
+    experiment.write_text(yaml.safe_dump(sections))
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    environment.pop("MLFLOW_EXPERIMENT_ID", None)
+    command = [str(Path(sys.executable).with_name("classifier")), "search", str(data), "--config", str(experiment)]
     started, wall_start = time.perf_counter(), datetime.datetime.now()
-    search(config, build_config(TrainConfig, TRAIN, train, {"output_dir": str(folder / "outputs")}), data)
+    subprocess.run(command, check=True, env=environment, cwd=folder, stdin=subprocess.DEVNULL)
     elapsed = time.perf_counter() - started
-    return elapsed, optuna.load_study(study_name=name, storage=open_storage(config.storage)), wall_start
+    return elapsed, optuna.load_study(study_name=name, storage=open_storage(storage)), wall_start
 
 
 def epochs_to_reach(study: optuna.Study, target: float) -> int | None:
@@ -119,7 +130,7 @@ def measure_throughput(scratch: Path, data: Path, space: dict, trials: int) -> N
 
 
 def measure_pruning(scratch: Path, data: Path, space: dict, trials: int, epochs: int) -> None:
-    common = {"n_trials": trials, "sampler": "random", "seed": 7, "space": space}
+    common = {"n_trials": trials, "sampler": "random", "seed": 7, "space": space, "objective": "val_roc_auc"}
     common.update(startup_trials=2, prune_warmup_epochs=0)  # the median of 2 full trials decides from epoch 1
     _, full, _ = run_study(scratch, data, "no-pruning", {"epochs": epochs}, {**common, "pruner": "none"})
     _, pruned, _ = run_study(scratch, data, "median-pruning", {"epochs": epochs}, {**common, "pruner": "median"})

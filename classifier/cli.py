@@ -103,9 +103,10 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--refit",
-    type=_choice("auto", "none", "folds"),
-    help="The champion: folds = the best configuration's K fold models as one ensemble, threshold tuned on their "
-    "out-of-fold predictions; none = the best trial's model. [auto: folds with --cv-folds]",
+    type=_choice("auto", "none", "folds", "full"),
+    help="The champion: folds = the best configuration's K fold models as one ensemble; full = that configuration "
+    "retrained on every training image for its folds' mean best epoch count; both with the threshold tuned on the "
+    "out-of-fold predictions. none = the best trial's model. [auto: folds with --cv-folds]",
 )
 @click.option(
     "--n-workers",
@@ -268,7 +269,7 @@ model_setting_options = [
         type=blank_is_unset(click.BOOL),
         is_flag=False,
         flag_value="true",
-        help="Average the probabilities over flips (test-time augmentation). [the model's setting: off]",
+        help="Average the probabilities over flips (test-time augmentation). [the model's setting: as trained]",
     ),
     click.option("--device", type=blank_is_unset(click.STRING), help="cpu, cuda or cuda:N. [cuda when available]"),
     click.option("--workers", type=blank_is_unset(click.IntRange(1)), help="Threads decoding images. [one per core]"),
@@ -457,6 +458,11 @@ train_options = [
         help="temperature: fit temperature scaling on validation; the model serves calibrated probabilities. [none]",
     ),
     click.option("--augment", type=_choice("none", "light", "strong", "xray"), help="Augmentation recipe. [light]"),
+    _flag(
+        "--tta",
+        "The model averages the recipe's flips (test-time augmentation) wherever it predicts; its threshold is tuned "
+        "on those probabilities. [false]",
+    ),
     click.option(
         "--progressive-sizes",
         type=blank_is_unset(str),
@@ -562,7 +568,7 @@ def cv_command(data: Path, config_path: Path | None, run_name: str | None, **opt
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @config_option
 @click.option("--split", type=_choice("training", "validation", "test"), help="Prepared split to score. [test]")
-@_flag("--tta", "Average the probabilities over flips (test-time augmentation).")
+@_flag("--tta", "Average the probabilities over flips (test-time augmentation). [as the model was trained]")
 @click.option("--bootstrap", type=blank_is_unset(click.INT), help="Bootstrap resamples for 95% CIs; 0 off. [1000]")
 @click.option("--batch-size", type=blank_is_unset(click.INT), help="Images per forward pass. [256]")
 @click.option("--device", type=_choice("auto", "cpu", "cuda"), help="Where to run. [auto]")

@@ -217,7 +217,7 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
 
 SEARCH_SAMPLERS = ("tpe", "gp", "random")
 PRUNERS = ("auto", "none", "median", "hyperband")
-REFITS = ("auto", "none", "folds")
+REFITS = ("auto", "none", "folds", "full")
 DEFAULT_TRIALS = 20  # a study's size when neither --n-trials nor --budget says otherwise
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -290,6 +290,10 @@ class SearchConfig:
             raise UserError(f"search: unknown refit '{self.refit}'; use one of {', '.join(REFITS)}")
         if self.refit == "folds" and not self.cv_folds:
             raise UserError("search: refit 'folds' ensembles the best trial's fold models; set --cv-folds K too")
+        if self.refit == "full" and not self.cv_folds:
+            raise UserError(
+                "search: refit 'full' takes its epochs and threshold from the best trial's folds; set --cv-folds K too"
+            )
         if self.budget is not None and self.budget_seconds <= 0:
             raise UserError(f"search: option 'budget' must be above 0, got {self.budget}")
         if not isinstance(self.space, dict) or not self.space:
@@ -308,9 +312,13 @@ class SearchConfig:
         return None if self.budget is not None else DEFAULT_TRIALS
 
     @property
-    def refits_folds(self) -> bool:
-        """Whether the champion is the best configuration's fold models as one ensemble (`auto`: with --cv-folds)."""
-        return self.refit == "folds" or (self.refit == "auto" and bool(self.cv_folds))
+    def refit_kind(self) -> str:
+        """How the champion is built: `folds` (the best configuration's fold models as one ensemble; `auto` with
+        --cv-folds), `full` (that configuration retrained on every training image) or `none` (the best trial's
+        model)."""
+        if self.refit == "auto":
+            return "folds" if self.cv_folds else "none"
+        return self.refit
 
     @property
     def pruner_name(self) -> str:
@@ -366,6 +374,7 @@ class TrainConfig:
     drop_path_rate: float = 0.0
     positive_class: str | None = None
     calibrate: str = "none"
+    tta: bool = False  # the model averages its recipe's flips; its threshold is tuned on those probabilities
     augment: str = "light"
     progressive_sizes: list[int] | None = None
     metadata: list[str] | None = None
@@ -462,7 +471,7 @@ class EvaluateConfig:
 
     experiment: str = "classifier"
     split: str = "test"
-    tta: bool = False
+    tta: bool | None = None  # None: as the model was trained (its checkpoint's `tta`)
     bootstrap: int = 1000
     batch_size: int = 256
     device: str = "auto"

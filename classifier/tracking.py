@@ -62,7 +62,10 @@ def connect() -> str:
     # queue's blocking read holds up every flush and end_run (measured in bench/tracking_bench.py).
     os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     mlflow.set_tracking_uri(uri)
-    mlflow.config.enable_async_logging(True)
+    # Not mlflow.config.enable_async_logging: the system-metrics thread would then log through the same queue that
+    # each run's end shuts down and restarts, and a trial's next metrics meet a pool shut down under them ("cannot
+    # schedule new futures after shutdown", a trial FAILED). Our metrics, params and tags ask for asynchrony call by
+    # call; the monitor thread logs synchronously.
     return uri
 
 

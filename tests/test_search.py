@@ -16,6 +16,7 @@ from conftest import tracked_nothing
 from optuna.trial import TrialState
 from prepared import prepared_dataset
 
+from classifier import tracking
 from classifier.cli import main
 from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.errors import UserError
@@ -245,6 +246,30 @@ def test_finished_trials_leave_one_copy_of_their_weights_in_mlflow_and_no_local_
     assert any(key.startswith("system/cpu_utilization") for key in parent.data.metrics)  # sampled once, for the study
     kept = trial_runs("kept", "--keep-outputs")
     assert {path.name for path in outputs.iterdir() if path.is_dir()} == kept
+
+
+def test_the_study_runs_system_metrics_never_race_the_logging_of_its_trials(tmp_path, monkeypatch):
+    """Trials run in the launcher beside the parent run's system-metrics thread: each trial's run end must not shut
+    down a logging queue that thread writes through (it failed trials with "cannot schedule new futures")."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.001")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    failures: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: failures.append(record.getMessage())
+    logger = logging.getLogger("mlflow.system_metrics")
+    logger.addHandler(handler)
+    try:
+        tracking.connect()
+        with tracking.start_run("race", "search race", system_metrics=True) as parent:
+            for trial in range(100):
+                with tracking.start_run("race", f"trial-{trial}", parent_run_id=parent.info.run_id):
+                    for step in range(3):
+                        tracking.log_metrics({"val_loss": 1.0 / (step + 1)}, step=step)
+    finally:
+        logger.removeHandler(handler)
+    assert failures == []
+    (run,) = mlflow.MlflowClient().search_runs([tracking.experiment_id("race")], "attributes.run_name = 'trial-99'")
+    assert run.data.metrics["val_loss"] == pytest.approx(1 / 3)
 
 
 def test_auto_workers_are_one_per_visible_gpu_else_one_per_thread_share(monkeypatch):

@@ -22,7 +22,7 @@ from classifier.errors import UserError
 from classifier.learn.inference import load_checkpoint, predict_split
 from classifier.measure.threshold import choose_threshold
 from classifier.nets.ensemble import ENSEMBLE
-from classifier.tune.refit import FOLD_RUNS_ATTR
+from classifier.tune.refit import FOLD_EPOCHS_ATTR, FOLD_RUNS_ATTR
 from classifier.tune.storage import JOURNAL_FILE, open_storage
 
 pytestmark = pytest.mark.slow
@@ -70,16 +70,7 @@ def test_cross_validated_trials_rank_on_log_loss_and_the_champion_is_the_best_tr
     assert [member["source"] for member in checkpoint["config"]["members"]] == fold_runs
     assert champion.tags["value"] == repr(best.value)
     # The threshold comes from each image's prediction by the fold model that never trained on it
-    training = load_split(folded, "training")
-    labels, scores = [], []
-    for fold, run in enumerate(fold_runs):
-        rows = np.flatnonzero(training.folds == fold)
-        member = load_checkpoint(run, tmp_path / "download" / run)
-        fold_labels, probabilities = predict_split(member, training, 64, torch.device("cpu"), rows=rows)
-        labels.append(fold_labels)
-        scores.append(probabilities[:, 1])
-    expected = choose_threshold(np.concatenate(labels) == 1, np.concatenate(scores), "youden")
-    assert checkpoint["threshold"] == pytest.approx(expected, abs=1e-5)
+    assert checkpoint["threshold"] == pytest.approx(out_of_fold_threshold(folded, fold_runs, tmp_path), abs=1e-5)
     assert checkpoint["threshold_rule"] == "youden"
     assert checkpoint["threshold_prevalence"] == pytest.approx(0.5)
     refit = client.get_run(champion.run_id)
@@ -88,6 +79,47 @@ def test_cross_validated_trials_rank_on_log_loss_and_the_champion_is_the_best_tr
         == client.get_run(best.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
     )
     assert "oof_roc_auc" in refit.data.metrics
+
+
+def out_of_fold_threshold(data: Path, fold_runs: list[str], tmp_path: Path) -> float:
+    """The youden threshold on each training image's P(malignant) from the fold model that never trained on it."""
+    training = load_split(data, "training")
+    labels, scores = [], []
+    for fold, run in enumerate(fold_runs):
+        rows = np.flatnonzero(training.folds == fold)
+        member = load_checkpoint(run, tmp_path / "download" / run)
+        fold_labels, probabilities = predict_split(member, training, 64, torch.device("cpu"), rows=rows)
+        labels.append(fold_labels)
+        scores.append(probabilities[:, 1])
+    return choose_threshold(np.concatenate(labels) == 1, np.concatenate(scores), "youden")
+
+
+def test_a_full_refit_retrains_the_best_configuration_on_every_training_image(tmp_path, folded, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    result = search(tmp_path, folded, {"n_trials": 2, "cv_folds": 3, "pruner": "none", "refit": "full"})
+
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="s", storage=open_storage(str(tmp_path / JOURNAL_FILE)))
+    best = study.best_trial
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("s", "champion")
+    refit = client.get_run(champion.run_id)
+    epochs = round(np.mean(best.user_attrs[FOLD_EPOCHS_ATTR]))
+    assert refit.data.params["refit"] == "full" and int(refit.data.params["refit_epochs"]) == epochs
+    (training_run,) = client.search_runs([refit.info.experiment_id], f"tags.mlflow.parentRunId = '{refit.info.run_id}'")
+    assert int(training_run.data.params["train_images"]) == len(load_split(folded, "training").labels)
+    assert int(training_run.data.params["val_images"]) == 0
+    assert len(client.get_metric_history(training_run.info.run_id, "train_loss")) == epochs
+    assert float(training_run.data.params["lr"]) == pytest.approx(best.params["lr"])
+    checkpoint = load_checkpoint("models:/s@champion", tmp_path / "download")
+    assert checkpoint["architecture"] == "simple_cnn"
+    expected = out_of_fold_threshold(folded, best.user_attrs[FOLD_RUNS_ATTR], tmp_path)
+    assert checkpoint["threshold"] == pytest.approx(expected, abs=1e-5)
+    assert checkpoint["threshold_prevalence"] == pytest.approx(0.5)
+    # one copy of the weights: the refit's model, not also the training run's best.pt
+    assert not client.list_artifacts(training_run.info.run_id, "checkpoints")
+    assert not (tmp_path / "outputs" / training_run.info.run_id).exists()
 
 
 def test_a_budget_ends_the_study_and_prunes_the_trial_it_cuts(tmp_path, folded, monkeypatch):
@@ -109,6 +141,7 @@ def test_a_budget_ends_the_study_and_prunes_the_trial_it_cuts(tmp_path, folded, 
     [
         ({"budget": "an hour"}, "search: option 'budget': 'an hour' is not a duration; write e.g. 1h, 90m"),
         ({"refit": "folds"}, "search: refit 'folds' ensembles the best trial's fold models; set --cv-folds K too"),
+        ({"refit": "full"}, "search: refit 'full' takes its epochs and threshold from the best trial's folds"),
     ],
 )
 def test_bad_budget_or_refit_is_one_line(values, message):

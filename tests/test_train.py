@@ -25,6 +25,7 @@ from classifier.data.dataset import CachedImages, load_split
 from classifier.data.layout import read_manifest
 from classifier.errors import UserError
 from classifier.learn.device import memory_format
+from classifier.learn.inference import predict_split
 from classifier.learn.train import EpochScheduler, fit, make_loader, make_optimizer
 from classifier.measure.threshold import choose_threshold
 from classifier.model.pyfunc import load_classifier
@@ -81,6 +82,22 @@ def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_pat
     assert model.source_run_id == result.run_id  # the UI's Models view ranks models by their best validation scores
     linked = {metric.key: metric.value for metric in model.metrics}
     assert linked["best_val_macro_f1"] == pytest.approx(result.best_metrics["val_macro_f1"])
+
+
+def test_a_model_trained_with_tta_has_its_threshold_tuned_on_the_probabilities_it_predicts(
+    grey_pair: Path, tmp_path: Path
+) -> None:
+    result = fit(quick(tmp_path, augment="light", tta=True), grey_pair)
+
+    checkpoint = torch.load(result.checkpoint, weights_only=True)
+    assert checkpoint["tta"] is True
+    validation = load_split(grey_pair, "validation")
+    labels, averaged = predict_split(checkpoint, validation, 64, torch.device("cpu"), tta=True)
+    _, plain = predict_split(checkpoint, validation, 64, torch.device("cpu"), tta=False)
+    assert not np.allclose(averaged, plain)  # the flips change what the model says
+    assert checkpoint["threshold"] == pytest.approx(choose_threshold(labels == 1, averaged[:, 1], "youden"))
+    assert load_classifier(result.model_uri).tta  # predict and serve average the same views unless told not to
+    assert not load_classifier(result.model_uri, tta=False).tta
 
 
 def test_killed_run_resumes_in_the_same_run_and_ends_as_if_never_stopped(grey_pair: Path, tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
     data = Path(data)
     info, checkpoint, arrays = checkpoint_and_split(model, data, config.split)
     device = resolve_device(config.device)
-    labels, probabilities = predict_split(checkpoint, arrays, config.batch_size, device, config.tta)
+    tta = bool(checkpoint.get("tta") if config.tta is None else config.tta)  # None: as the model was trained
+    labels, probabilities = predict_split(checkpoint, arrays, config.batch_size, device, tta)
     thresholds = checkpoint.get("threshold")
     positive = positive_index(info.classes, checkpoint.get("positive_class"), checkpoint.get("task"))
     scores = classification_metrics(labels, probabilities, info.classes, thresholds, positive)
@@ -55,7 +56,7 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
                 "evaluated_model": model,
                 "evaluated_data": str(data),
                 "evaluated_split": config.split,
-                "evaluated_tta": config.tta,
+                "evaluated_tta": tta,
                 "bootstrap_resamples": "images" if groups is None else "groups",
             }
         )

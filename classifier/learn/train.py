@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from classifier.console import progress
 from classifier.data.dataset import CachedImages, batched, class_counts, fit_indices, load_split
 from classifier.data.layout import DatasetInfo, choose_positive_class, positive_index, read_info
 from classifier.data.metadata import ColumnEncoding, encode, encoding_width, fit_encoding, to_plain
-from classifier.data.transforms import Normalise, augmentation
+from classifier.data.transforms import Normalise, augmentation, flips, recipe_flips
 from classifier.errors import UserError
 from classifier.learn.device import amp_dtype, memory_format, resolve_device, use_fast_kernels
 from classifier.learn.explained import log_test_grid
@@ -95,6 +96,7 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     log_model: bool = True,
     warm_start: Path | None = None,
+    validate: bool = True,
 ) -> FitResult:
     """Train `config.model` on the prepared dataset `data` in one MLflow run and return the best epoch's figures.
 
@@ -104,9 +106,26 @@ def fit(
     config, `OUTPUT_DIR/.train-KEY.lock`), so a live run is never joined and a dead one is resumed.
     `warm_start` is the output folder of another run of the same config (a dead trial's): a new run continues from
     its last checkpoint, its epochs logged again and passed to `on_epoch_end` first.
+    Without `validate` (a search's full refit), it trains on every training image, every fold included, for
+    `config.epochs` epochs: the last epoch is the model, its threshold left to the caller, a plateau schedule follows
+    the training loss.
     """
+    if not validate:
+        config = dataclasses.replace(config, monitor="train_loss", patience=0)
     with contextlib.ExitStack() as locks:
-        return _fit(config, Path(data), locks, parent_run_id, run_name, tags, fold, on_epoch_end, log_model, warm_start)
+        return _fit(
+            config,
+            Path(data),
+            locks,
+            parent_run_id,
+            run_name,
+            tags,
+            fold,
+            on_epoch_end,
+            log_model,
+            warm_start,
+            validate,
+        )
 
 
 def _fit(
@@ -120,6 +139,7 @@ def _fit(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
     log_model: bool,
     warm_start: Path | None,
+    validate: bool,
 ) -> FitResult:
     """`fit`, holding its locks in `locks`."""
     info = read_info(data)
@@ -128,7 +148,7 @@ def _fit(
     monitor = resolve_monitor(config.monitor, len(info.classes), info.task == "multi_label")
     check_metric(monitor, epoch_metric_names(info, config), "train: --monitor")
     tracking.connect()
-    resume_key = _resume_key(config, data, info, fold)
+    resume_key = _resume_key(config, data, info, fold if validate else "every training image")
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     if _auto_resumes(config, parent_run_id):
         busy = "train: another `classifier train` of this config and data is running"
@@ -149,7 +169,7 @@ def _fit(
             f"train: progressive_sizes {config.progressive_sizes} go beyond the {info.size} px of {data}; "
             f"use sizes up to {info.size} (the last stage normally is {info.size})"
         )
-    train_set, val_set, encodings = _datasets(config, data, info, fold)
+    train_set, val_set, encodings = _datasets(config, data, info, fold, validate)
     model = create_model(
         config.model,
         len(info.classes),
@@ -170,7 +190,7 @@ def _fit(
     trainer.set_criterion(counts, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = make_loader(train_set, config, device, generator, shuffle=True)
-    val_loader = make_loader(val_set, config, device, None, shuffle=False)
+    val_loader = None if val_set is None else make_loader(val_set, config, device, None, shuffle=False)
     if state is not None:
         trainer.load_state(state, generator)
     run_tags = {**(tags or {}), RESUME_TAG: resume_key, "classifier.data": str(data.resolve())}
@@ -188,7 +208,7 @@ def _fit(
         folder = Path(config.output_dir) / run_id
         folder.mkdir(parents=True, exist_ok=True)
         if config.resume is None:
-            tracking.log_params(_params(config, info, fold, len(train_set), len(val_set)))
+            tracking.log_params(_params(config, info, fold, len(train_set), len(val_set or ())))
         else:
             print(f"resuming run {run_id} after epoch {trainer.epoch}", file=sys.stderr)
         try:
@@ -281,7 +301,7 @@ class Trainer:
     def train(
         self,
         train_loader: DataLoader,
-        val_loader: DataLoader,
+        val_loader: DataLoader | None,
         generator: torch.Generator,
         folder: Path,
         run_id: str,
@@ -304,22 +324,25 @@ class Trainer:
                     train_loss, train_accuracy = self.train_one_epoch(train_loader, size, epoch >= config.freeze_epochs)
                 if self.ema is not None and epoch < config.freeze_epochs:
                     self.ema.set(self.model)  # the head trained alone: the EMA takes the model as it is
-                val_loss, labels, probabilities = self.predict(val_loader)
+                validated = None if val_loader is None else self.predict(val_loader)
             except Exception as error:  # e.g. a loader worker killed by the same SIGTERM: the stop, not a failure
                 if stopping.requested():
                     raise stopping.Interrupted(stopping.requested()) from error
                 raise
-            scores = classification_metrics(labels, probabilities, self.info.classes, positive=self.positive)
             shown_size = size if config.progressive_sizes else None
-            metrics = epoch_metrics(train_loss, train_accuracy, val_loss, scores, lr, shown_size)
+            metrics = epoch_metrics(train_loss, train_accuracy, lr, shown_size)
+            if validated is not None:
+                val_loss, labels, probabilities = validated
+                scores = classification_metrics(labels, probabilities, self.info.classes, positive=self.positive)
+                metrics.update(validation_metrics(val_loss, scores))
             self.scheduler.step(metrics[self.monitor])
             self.epoch = epoch
             self.history.append({"epoch": epoch, **metrics})
             tracking.log_metrics(metrics, step=epoch)  # queued now, stored before the checkpoints count (commit)
             checkpoint = self.checkpoint()
             written = {}
-            kept, gained = (True, True)
-            if self.best_epoch >= 0:
+            kept, gained = (True, True)  # the first epoch, or any epoch without validation: the last one is the model
+            if self.best_epoch >= 0 and validated is not None:
                 kept, gained = compare_epochs(metrics, self.best_metrics, self.monitor, self.maximise)
             if kept:
                 self.best_epoch, self.best_metrics = epoch, metrics
@@ -328,7 +351,8 @@ class Trainer:
             written[folder / LAST] = {**checkpoint, **self.resume_state(generator, run_id, self.resume_key)}
             commit(written)
             self.upload_resume_state(folder, run_id)
-            epochs.set_postfix({key: f"{metrics[key]:.4f}" for key in ("train_loss", "val_loss", self.monitor)})
+            shown = ("train_loss", "val_loss", self.monitor) if validated is not None else ("train_loss",)
+            epochs.set_postfix({key: f"{metrics[key]:.4f}" for key in shown})
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             if config.patience and self.stale_epochs >= config.patience:
@@ -413,11 +437,13 @@ class Trainer:
         """The network validation scores and checkpoints hold: the weight EMA with `ema_decay`, else the model."""
         return self.model if self.ema is None else self.ema.module
 
-    def predict(self, loader: DataLoader) -> tuple[float, np.ndarray, np.ndarray]:
-        """Mean loss (the training criterion), labels and probabilities (softmax, or sigmoid) over `loader`, of the
-        scored network."""
+    def predict(
+        self, loader: DataLoader, views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """Mean loss (the training criterion, on the first view), labels and probabilities (softmax, or sigmoid;
+        averaged over `views` of each batch) over `loader`, of the scored network."""
         labels, logits, probabilities = predict_batches(
-            self.scored, stopping.checked(loader), self._inputs, multi_label=self.multi_label
+            self.scored, stopping.checked(loader), self._inputs, views, multi_label=self.multi_label
         )
         loss = self.criterion(logits.to(self.device), torch.from_numpy(labels).to(self.device)).item()
         return loss, labels, probabilities
@@ -456,6 +482,7 @@ class Trainer:
             "threshold_prevalence": None,  # the validation share of positives the threshold was tuned at
             "positive_class": None if self.positive is None else info.classes[self.positive],
             "temperature": None,
+            "tta": self.config.tta,
             "task": info.task,
             "metadata": to_plain(self.encodings),
         }
@@ -513,14 +540,11 @@ class Trainer:
         random.setstate(_as_tuples(rng["python"]))
         generator.set_state(rng["loader"])
 
-    def finish(self, val_loader: DataLoader, folder: Path, log_model: bool) -> str | None:
-        """Score the best epoch, calibrate it (`calibrate`) and tune its thresholds on validation; upload report,
-        plots, config and checkpoints in one call; log the servable model.
-
-        A stop request between these steps ends the run KILLED; resuming it does them again."""
-        stopping.check()
-        best = torch.load(folder / BEST, map_location="cpu", weights_only=True)  # re-saved below: CPU tensors
-        self.scored.load_state_dict(best["state_dict"])
+    def tune_on_validation(
+        self, val_loader: DataLoader, best: dict[str, Any], folder: Path
+    ) -> tuple[np.ndarray, np.ndarray, float | list[float] | None]:
+        """Calibrate the best epoch (`calibrate`) and tune its thresholds on validation, writing both into `best`
+        (re-saved); return the validation labels, probabilities and thresholds."""
         logged: dict[str, float] = {}
         if self.config.calibrate == "temperature":  # before the threshold, which is then tuned on what is served
             labels, logits, probabilities = predict_batches(
@@ -531,7 +555,8 @@ class Trainer:
             temperature = fit_temperature(logits.numpy(), labels, self.multi_label)
             best["temperature"] = logged["calibration_temperature"] = temperature
             with_temperature(self.scored, temperature)
-        _, labels, probabilities = self.predict(val_loader)
+        views = functools.partial(flips, dims=recipe_flips(self.config.augment)) if self.config.tta else None
+        _, labels, probabilities = self.predict(val_loader, views)  # as the logged model will predict
         thresholds: float | list[float] | None = None
         rule = self.config.threshold_rule
         if self.multi_label:
@@ -554,12 +579,27 @@ class Trainer:
             tuned = classification_metrics(labels, probabilities, self.info.classes, thresholds, self.positive)
             logged.update({metric_name(f"tuned_val_{name}"): value for name, value in tuned.items()})
             tracking.log_metrics(logged)
+        return labels, probabilities, thresholds
+
+    def finish(self, val_loader: DataLoader | None, folder: Path, log_model: bool) -> str | None:
+        """Score the best epoch, calibrate it (`calibrate`) and tune its thresholds on validation (when there is
+        one); upload report, plots, config and checkpoints in one call; log the servable model.
+
+        A stop request between these steps ends the run KILLED; resuming it does them again."""
+        stopping.check()
+        best = torch.load(folder / BEST, map_location="cpu", weights_only=True)
+        self.scored.load_state_dict(best["state_dict"])
+        validated = None if val_loader is None else self.tune_on_validation(val_loader, best, folder)
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             upload = Path(scratch)
             report = upload / "evaluation"
             run = f"run {tracking.active_run_name()}"
-            shows = f"validation split, {run} (best epoch {self.best_epoch + 1})"
-            write_report(report, labels, probabilities, self.info.classes, thresholds, self.positive, shows)
+            if validated is not None:
+                labels, probabilities, thresholds = validated
+                shows = f"validation split, {run} (best epoch {self.best_epoch + 1})"
+                write_report(report, labels, probabilities, self.info.classes, thresholds, self.positive, shows)
+            else:
+                report.mkdir()
             learning_curves(report / "learning_curves.png", self.history, self.monitor, run)
             (report / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
             (upload / "config").mkdir()
@@ -697,22 +737,17 @@ def resolve_monitor(monitor: str, num_classes: int, multi_label: bool = False) -
     return monitor if monitor.startswith(("val_", "train_")) else f"val_{monitor}"
 
 
-def epoch_metrics(
-    train_loss: float,
-    train_accuracy: float,
-    val_loss: float,
-    scores: dict[str, float],
-    lr: float,
-    size: int | None = None,
-) -> dict[str, float]:
-    """What one epoch logs: training loss and accuracy, validation loss and `scores`, lr, and the image size of a
-    progressive schedule."""
-    metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss}
-    metrics.update({metric_name(f"val_{name}"): value for name, value in scores.items()})
-    metrics["lr"] = lr
+def epoch_metrics(train_loss: float, train_accuracy: float, lr: float, size: int | None = None) -> dict[str, float]:
+    """What one epoch logs of its training: loss and accuracy, lr, and the image size of a progressive schedule."""
+    metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, "lr": lr}
     if size is not None:
         metrics["image_size"] = size
     return metrics
+
+
+def validation_metrics(val_loss: float, scores: dict[str, float]) -> dict[str, float]:
+    """What one epoch logs of its validation: the loss and `scores`, named val_*."""
+    return {"val_loss": val_loss, **{metric_name(f"val_{name}"): value for name, value in scores.items()}}
 
 
 def epoch_metric_names(info: DatasetInfo, config: TrainConfig) -> list[str]:
@@ -726,7 +761,8 @@ def epoch_metric_names(info: DatasetInfo, config: TrainConfig) -> list[str]:
         labels = np.arange(count)
         probabilities = np.full((count, count), 0.2 / count) + 0.8 * np.eye(count)
     scores = classification_metrics(labels, probabilities, info.classes)
-    return list(epoch_metrics(0.0, 0.0, 0.0, scores, 0.0, 0 if config.progressive_sizes else None))
+    size = 0 if config.progressive_sizes else None
+    return list(epoch_metrics(0.0, 0.0, 0.0, size)) + list(validation_metrics(0.0, scores))
 
 
 def check_metric(name: str, names: list[str], option: str) -> None:
@@ -763,14 +799,17 @@ def commit(files: dict[Path, dict[str, Any]]) -> None:
 
 
 def _datasets(
-    config: TrainConfig, data: Path, info: DatasetInfo, fold: int | None
-) -> tuple[CachedImages, CachedImages, list[ColumnEncoding]]:
-    """Training and validation sets (the held-out fold, or the validation split) and the metadata encoding fitted
-    on the training rows (empty without `config.metadata`)."""
+    config: TrainConfig, data: Path, info: DatasetInfo, fold: int | None, validate: bool = True
+) -> tuple[CachedImages, CachedImages | None, list[ColumnEncoding]]:
+    """Training and validation sets (the held-out fold, or the validation split; none without `validate`: every
+    training image is trained on) and the metadata encoding fitted on the training rows (empty without
+    `config.metadata`)."""
     training = load_split(data, "training", config.cache)
     train_rows, val_rows = fit_indices(info, training, fold)
+    if not validate:
+        train_rows = np.arange(len(training.labels))
     validation = training
-    if val_rows is None:
+    if val_rows is None and validate:
         validation = load_split(data, "validation", config.cache)
         if len(validation.labels) == 0:
             raise UserError(f"{data}: no validation images; prepare it with a validation fraction or with --folds K")
@@ -786,11 +825,8 @@ def _datasets(
         train_metadata = encode(training.rows, encodings)
         val_metadata = train_metadata if validation is training else encode(validation.rows, encodings)
     transform = augmentation(config.augment, info.size)
-    return (
-        CachedImages(training, train_rows, transform, train_metadata),
-        CachedImages(validation, val_rows, None, val_metadata),
-        encodings,
-    )
+    validation_set = CachedImages(validation, val_rows, None, val_metadata) if validate else None
+    return CachedImages(training, train_rows, transform, train_metadata), validation_set, encodings
 
 
 def make_loader(

@@ -22,7 +22,8 @@ which `classifier predict` writes beside each label (columns `threshold` or `thr
 probabilities: its network divides its logits by the temperature.
 
 Model settings (`model_config`, overridable with `mlflow.pyfunc.load_model(uri, model_config={...})`): `tta`
-(average the probabilities over the flips the model was trained with), `inference_batch_size`, `inference_device`
+(average the probabilities over the flips the model was trained with; null: as it was trained, `tta` in the
+checkpoint, its threshold tuned on those probabilities), `inference_batch_size`, `inference_device`
 ("cpu", "cuda"; null: cuda when available), `decode_workers` (threads decoding images; null: one per core),
 `dicom_window` ([centre, width] for DICOM inputs; null: the window prepare used, else the file's VOI LUT / window)
 and `dicom_frame` (the frame of multi-frame DICOMs; null: as prepare did, else the first). MLflow also logs
@@ -69,10 +70,10 @@ ERROR_COLUMN = "error"
 CHECKPOINT_ARTIFACT = "checkpoint"
 KEPT_KEYS = (
     *INFERENCE_KEYS,
-    *("config", "task", "metadata", "positive_class", "temperature", "threshold_rule", "threshold_prevalence"),
+    *("config", "task", "metadata", "positive_class", "temperature", "threshold_rule", "threshold_prevalence", "tta"),
 )
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "tta": False,
+    "tta": None,
     "inference_batch_size": 64,
     "inference_device": None,
     "decode_workers": None,
@@ -126,7 +127,7 @@ class ImageClassifier:
     def __init__(
         self,
         checkpoint: dict[str, Any],
-        tta: bool = False,
+        tta: bool | None = None,
         inference_batch_size: int = 64,
         inference_device: str | None = None,
         decode_workers: int | None = None,
@@ -150,7 +151,7 @@ class ImageClassifier:
             tuple(dicom_window) if dicom_window else stored.window,  # type: ignore[arg-type]
             stored.frame if dicom_frame is None else int(dicom_frame),
         )
-        self.tta = bool(tta)
+        self.tta = bool(checkpoint.get("tta") if tta is None else tta)
         self.flips = checkpoint_flips(checkpoint)
         self.batch_size = int(inference_batch_size)
         self.pool = ThreadPoolExecutor(int(decode_workers or os.cpu_count() or 1), thread_name_prefix="decode")
@@ -411,6 +412,8 @@ def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: An
     """
     state = read_checkpoint(Path(checkpoint))
     settings = model_settings(log_kwargs.pop("model_config", {}))
+    if settings["tta"] is None:  # as it was trained (and logged as its run's param `tta`)
+        settings["tta"] = bool(state.get("tta"))
     threshold = state.get("threshold")
     shown = [threshold] if isinstance(threshold, float | int) else threshold or []
     params = {

@@ -35,7 +35,7 @@ from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.data.layout import read_info
 from classifier.errors import UserError
 from classifier.learn.train import check_metric, discard_outputs, epoch_metric_names, fit, resolve_monitor
-from classifier.tune.refit import FOLD_RUNS_ATTR, refit_folds
+from classifier.tune.refit import FOLD_EPOCHS_ATTR, FOLD_RUNS_ATTR, refit_folds, refit_full
 from classifier.tune.space import parse_space, read_enqueued, suggest
 from classifier.tune.storage import open_storage
 
@@ -489,6 +489,12 @@ def make_pruner(job: WorkerJob) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def trial_config(job: WorkerJob, params: dict[str, Any], number: int) -> TrainConfig:
+    """The training config of trial `number`: the search's, with the trial's sampled `params`."""
+    fixed = {**dataclasses.asdict(job.train), "monitor": job.metric, "system_metrics": False}
+    return build_config(TrainConfig, fixed, params, origin=f"trial {number}")
+
+
 class Objective:
     """Train one sampled configuration with `fit`, reporting each epoch's validation metric to the pruner."""
 
@@ -504,8 +510,7 @@ class Objective:
         self.trial_runs = set()
         try:
             params = suggest(trial, self.distributions)
-            fixed = {**dataclasses.asdict(self.job.train), "monitor": self.job.metric, "system_metrics": False}
-            config = build_config(TrainConfig, fixed, params, origin=f"trial {trial.number}")
+            config = trial_config(self.job, params, trial.number)
             tags = {STUDY_TAG: self.job.study_name, TRIAL_TAG: str(trial.number)}
             if "retry_of" in trial.user_attrs:
                 tags["optuna_retry_of"] = str(trial.user_attrs["retry_of"])
@@ -566,7 +571,7 @@ class Objective:
     ) -> float:
         """The mean of the best metric over folds 0..k-1. Fold k reports, at step k*epochs + epoch, the mean of the
         folds so far (the finished folds' best metric and its own current one): the pruner compares fold means."""
-        scores, fold_runs = [], []
+        scores, fold_runs, fold_epochs = [], [], []
         with tracking.start_run(config.experiment, f"trial-{trial.number}", tags, self.job.parent_run_id) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             for fold in range(self.job.search.cv_folds):
@@ -582,7 +587,9 @@ class Objective:
                 )
                 scores.append(result.best_metrics[self.job.metric])
                 fold_runs.append(result.run_id)
+                fold_epochs.append(result.best_epoch)
             trial.set_user_attr(FOLD_RUNS_ATTR, fold_runs)
+            trial.set_user_attr(FOLD_EPOCHS_ATTR, fold_epochs)
             score = float(np.mean(scores))
             tracking.log_summary(run.info.run_id, {f"cv_mean_{self.job.metric}": score}, params, {})
         return score
@@ -679,8 +686,13 @@ def summarise(study: optuna.Study, job: WorkerJob, maximize: bool) -> SearchResu
     log_plots(study, run_id)
     version = None
     model_uri = best.user_attrs.get("model_uri")
-    if job.search.refits_folds and best.user_attrs.get(FOLD_RUNS_ATTR):
-        model_uri = refit_folds(job.data, best.user_attrs[FOLD_RUNS_ATTR], job.train.experiment, run_id, best.number)
+    fold_runs = best.user_attrs.get(FOLD_RUNS_ATTR)
+    if job.search.refit_kind == "folds" and fold_runs:
+        model_uri = refit_folds(job.data, fold_runs, job.train.experiment, run_id, best.number)
+    elif job.search.refit_kind == "full" and fold_runs:
+        config = trial_config(job, best.params, best.number)
+        model_uri = refit_full(config, job.data, fold_runs, best.user_attrs[FOLD_EPOCHS_ATTR], run_id, best.number)
+    if model_uri != best.user_attrs.get("model_uri"):
         tracking.log_summary(run_id, {}, {}, {"champion_model_uri": model_uri})
     if model_uri:
         version = tracking.register_champion(
