@@ -165,12 +165,12 @@ def search_command(
     from classifier.tune.search import search
 
     origin = str(config_path or "command line")
-    overrides = {"epochs": epochs, "model": model, "keep_outputs": keep_outputs}
+    fixed = {name: value for name, value in {"epochs": epochs, "model": model}.items() if value is not None}
+    overrides = {**fixed, "keep_outputs": keep_outputs}
     train = build_config(TrainConfig, load_section(config_path, "train"), overrides, origin=origin)
     config = build_config(SearchConfig, load_section(config_path, "search"), options, origin=origin)
-    for name, value in {"epochs": epochs, "model": model}.items():
-        if value is not None:
-            config.space.pop(name, None)  # fixed on the command line: no longer searched
+    for name in fixed:
+        config.space.pop(name, None)  # fixed on the command line: no longer searched
     with stopping.on_signals(note="stopping the study: running trials end after their current batch"):
         result = search(config, train, data)
     best = "no completed trial" if result.best_value is None else f"best {result.metric} {result.best_value:.4f}"

@@ -285,3 +285,28 @@ def test_auto_workers_are_one_per_visible_gpu_else_one_per_thread_share(monkeypa
     assert search_module.worker_count(SearchConfig(n_workers="auto")) == 2
     with pytest.raises(UserError, match="'n_workers' must be a number or auto"):
         build_config(SearchConfig, {"n_workers": "many"})
+
+
+def test_an_option_given_on_the_command_line_is_fixed_for_the_study_not_searched(tmp_path, monkeypatch):
+    import classifier.tune.search as search_module
+
+    seen = {}
+
+    def capture(config, train, data):
+        seen.update(config=config, train=train)
+        return search_module.SearchResult("s", "val_log_loss", None, {}, {}, "run", None)
+
+    monkeypatch.setattr(search_module, "search", capture)
+    space = {
+        "model": {"type": "categorical", "choices": ["simple_cnn", "resnet18"]},
+        "epochs": {"type": "int", "low": 2, "high": 9},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    }
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump({"search": {"space": space}}))
+
+    result = CliRunner().invoke(main, ["search", str(tmp_path), "--config", str(config), "--model", "simple_cnn"])
+
+    assert result.exit_code == 0, result.output
+    assert set(seen["config"].space) == {"epochs", "lr"}  # only --model was given
+    assert seen["train"].model == "simple_cnn"
