@@ -120,6 +120,18 @@ def test_a_full_refit_retrains_the_best_configuration_on_every_training_image(tm
     # one copy of the weights: the refit's model, not also the training run's best.pt
     assert not client.list_artifacts(training_run.info.run_id, "checkpoints")
     assert not (tmp_path / "outputs" / training_run.info.run_id).exists()
+    # a study whose trials ran before the folds' best epochs were recorded: one line, the way out named
+    old = optuna.create_study(study_name="old", storage=open_storage(str(tmp_path / JOURNAL_FILE)))
+    old.set_user_attr("metric", "val_log_loss")
+    attrs = {FOLD_RUNS_ATTR: best.user_attrs[FOLD_RUNS_ATTR]}
+    old.add_trial(
+        optuna.trial.create_trial(params=best.params, distributions=best.distributions, value=0.1, user_attrs=attrs)
+    )
+    settings = {"study_name": "old", "n_trials": 1, "cv_folds": 3, "pruner": "none", "refit": "full"}
+    again = search(tmp_path, folded, settings)
+    assert again.exit_code == 1
+    assert "trial 0 of study old ran before classifier recorded its folds' best epochs" in again.output
+    assert "rerun with --refit folds" in again.output
 
 
 def test_a_budget_ends_the_study_and_prunes_the_trial_it_cuts(tmp_path, folded, monkeypatch):

@@ -690,8 +690,14 @@ def summarise(study: optuna.Study, job: WorkerJob, maximize: bool) -> SearchResu
     if job.search.refit_kind == "folds" and fold_runs:
         model_uri = refit_folds(job.data, fold_runs, job.train.experiment, run_id, best.number)
     elif job.search.refit_kind == "full" and fold_runs:
+        fold_epochs = best.user_attrs.get(FOLD_EPOCHS_ATTR)
+        if fold_epochs is None:
+            raise UserError(
+                f"search: trial {best.number} of study {job.study_name} ran before classifier recorded its folds' best"
+                " epochs, which --refit full retrains for; rerun with --refit folds, or start a new --study-name"
+            )
         config = trial_config(job, best.params, best.number)
-        model_uri = refit_full(config, job.data, fold_runs, best.user_attrs[FOLD_EPOCHS_ATTR], run_id, best.number)
+        model_uri = refit_full(config, job.data, fold_runs, fold_epochs, run_id, best.number)
     if model_uri != best.user_attrs.get("model_uri"):
         tracking.log_summary(run_id, {}, {}, {"champion_model_uri": model_uri})
     if model_uri:
