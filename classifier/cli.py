@@ -535,11 +535,9 @@ def train_command(data: Path, config_path: Path | None, run_name: str | None, **
         result = fit(config, data, run_name=run_name)
     scores = ", ".join(f"{key} {value:.4f}" for key, value in result.best_metrics.items() if key.startswith("val_"))
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}: {scores}")
-    if config.keep_outputs:
-        click.echo(f"checkpoint {result.checkpoint}; model {result.model_uri}")
-    else:
-        discard_outputs(config.output_dir, [result.run_id])
-        click.echo(f"model {result.model_uri}")
+    discard_outputs(config, [result.run_id])
+    kept = f"checkpoint {result.checkpoint}; " if config.keep_outputs else ""
+    click.echo(f"{kept}model {result.model_uri}")
 
 
 @main.command("cv")
@@ -555,8 +553,7 @@ def cv_command(data: Path, config_path: Path | None, run_name: str | None, **opt
     config = _train_config(config_path, options)
     with stopping.on_signals():
         result = cross_validate(config, data, run_name=run_name)
-    if not config.keep_outputs:
-        discard_outputs(config.output_dir, result.fold_run_ids)
+    discard_outputs(config, result.fold_run_ids)
     click.echo(f"each fold's best epoch, mean ± std over {len(result.fold_run_ids)} folds:")
     for key in sorted(result.mean):
         click.echo(f"best_{key}: {result.mean[key]:.4f} ± {result.std[key]:.4f}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,3 +104,14 @@ def checkpoint_flips(checkpoint: dict) -> tuple[int, ...]:
     """The test-time flips of a checkpoint's model: those of its training recipe (an ensemble's: its first member's
     recipe is not stored, so left-right only, what every recipe but `none` does)."""
     return recipe_flips((checkpoint.get("config") or {}).get("augment", "light"))
+
+
+def uses_tta(checkpoint: dict, setting: bool | None = None) -> bool:
+    """Whether a checkpoint's model predicts with test-time augmentation: `setting`, else as it was trained (its
+    `tta`, its threshold tuned on those probabilities)."""
+    return bool(checkpoint.get("tta") if setting is None else setting)
+
+
+def tta_views(checkpoint: dict) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The test-time views of a checkpoint's model: each batch as is and flipped as its recipe flips."""
+    return functools.partial(flips, dims=checkpoint_flips(checkpoint))

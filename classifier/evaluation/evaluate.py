@@ -10,6 +10,7 @@ from pathlib import Path
 from classifier import tracking
 from classifier.config import EvaluateConfig
 from classifier.data.layout import positive_index
+from classifier.data.transforms import uses_tta
 from classifier.learn.device import resolve_device
 from classifier.learn.explained import log_explained_grid
 from classifier.learn.inference import checkpoint_and_split, predict_split
@@ -35,7 +36,7 @@ def evaluate(config: EvaluateConfig, model: str, data: Path) -> EvaluationResult
     data = Path(data)
     info, checkpoint, arrays = checkpoint_and_split(model, data, config.split)
     device = resolve_device(config.device)
-    tta = bool(checkpoint.get("tta") if config.tta is None else config.tta)  # None: as the model was trained
+    tta = uses_tta(checkpoint, config.tta)
     labels, probabilities = predict_split(checkpoint, arrays, config.batch_size, device, tta)
     thresholds = checkpoint.get("threshold")
     positive = positive_index(info.classes, checkpoint.get("positive_class"), checkpoint.get("task"))

@@ -18,7 +18,7 @@ from classifier import tracking
 from classifier.data.dataset import CachedImages, SplitArrays, batched, load_split
 from classifier.data.layout import DatasetInfo, read_info
 from classifier.data.metadata import encode, from_plain
-from classifier.data.transforms import Normalise, checkpoint_flips, flips
+from classifier.data.transforms import Normalise, tta_views
 from classifier.errors import UserError
 from classifier.model.checkpoint import BEST, check_fits, network_from_checkpoint
 from classifier.nets.models import apply_model
@@ -106,7 +106,7 @@ def predict_split(
     """Labels and the checkpoint's probabilities (softmax, or sigmoid for multi-label models; averaged over the
     training recipe's flips with `tta`) for `rows` of a split (all by default)."""
     network, loader, inputs = checkpoint_loader(checkpoint, arrays, batch_size, device, rows)
-    views = functools.partial(flips, dims=checkpoint_flips(checkpoint)) if tta else None
+    views = tta_views(checkpoint) if tta else None
     multi_label = checkpoint.get("task") == "multi_label"
     labels, _, probabilities = predict_batches(network, loader, inputs, views, multi_label=multi_label)
     return labels, probabilities

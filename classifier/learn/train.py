@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -39,7 +38,7 @@ from classifier.console import progress
 from classifier.data.dataset import CachedImages, batched, class_counts, fit_indices, load_split
 from classifier.data.layout import DatasetInfo, choose_positive_class, positive_index, read_info
 from classifier.data.metadata import ColumnEncoding, encode, encoding_width, fit_encoding, to_plain
-from classifier.data.transforms import Normalise, augmentation, flips, recipe_flips
+from classifier.data.transforms import Normalise, augmentation, tta_views, uses_tta
 from classifier.errors import UserError
 from classifier.learn.device import amp_dtype, memory_format, resolve_device, use_fast_kernels
 from classifier.learn.explained import log_test_grid
@@ -79,10 +78,13 @@ class FitResult:
     checkpoint: Path
 
 
-def discard_outputs(output_dir: Path | str, run_ids: Iterable[str]) -> None:
-    """Remove the local OUTPUT_DIR/RUN_ID folders of runs whose model (or a fold's best.pt) MLflow now holds."""
+def discard_outputs(config: TrainConfig, run_ids: Iterable[str]) -> None:
+    """Remove the local OUTPUT_DIR/RUN_ID folders of runs whose model (or a fold's best.pt) MLflow now holds, unless
+    `config.keep_outputs`."""
+    if config.keep_outputs:
+        return
     for run_id in run_ids:
-        shutil.rmtree(Path(output_dir) / run_id, ignore_errors=True)
+        shutil.rmtree(Path(config.output_dir) / run_id, ignore_errors=True)
 
 
 def fit(
@@ -555,7 +557,7 @@ class Trainer:
             temperature = fit_temperature(logits.numpy(), labels, self.multi_label)
             best["temperature"] = logged["calibration_temperature"] = temperature
             with_temperature(self.scored, temperature)
-        views = functools.partial(flips, dims=recipe_flips(self.config.augment)) if self.config.tta else None
+        views = tta_views(best) if uses_tta(best) else None
         _, labels, probabilities = self.predict(val_loader, views)  # as the logged model will predict
         thresholds: float | list[float] | None = None
         rule = self.config.threshold_rule

@@ -60,7 +60,7 @@ from classifier.data.dicom import DicomSettings
 from classifier.data.images import image_channels, normalise_mode, open_channels, open_image, resize
 from classifier.data.layout import positive_index
 from classifier.data.metadata import encode, from_plain
-from classifier.data.transforms import Normalise, checkpoint_flips, flips, image_to_tensor
+from classifier.data.transforms import Normalise, checkpoint_flips, flips, image_to_tensor, uses_tta
 from classifier.errors import UserError
 from classifier.model.checkpoint import INFERENCE_KEYS, network_from_checkpoint, read_checkpoint, stored_threshold_rule
 from classifier.nets.models import apply_model
@@ -151,7 +151,7 @@ class ImageClassifier:
             tuple(dicom_window) if dicom_window else stored.window,  # type: ignore[arg-type]
             stored.frame if dicom_frame is None else int(dicom_frame),
         )
-        self.tta = bool(checkpoint.get("tta") if tta is None else tta)
+        self.tta = uses_tta(checkpoint, tta)
         self.flips = checkpoint_flips(checkpoint)
         self.batch_size = int(inference_batch_size)
         self.pool = ThreadPoolExecutor(int(decode_workers or os.cpu_count() or 1), thread_name_prefix="decode")
@@ -412,8 +412,7 @@ def log_classifier_model(checkpoint: Path, name: str = "model", **log_kwargs: An
     """
     state = read_checkpoint(Path(checkpoint))
     settings = model_settings(log_kwargs.pop("model_config", {}))
-    if settings["tta"] is None:  # as it was trained (and logged as its run's param `tta`)
-        settings["tta"] = bool(state.get("tta"))
+    settings["tta"] = uses_tta(state, settings["tta"])  # None: as it was trained (its run's param `tta`)
     threshold = state.get("threshold")
     shown = [threshold] if isinstance(threshold, float | int) else threshold or []
     params = {

@@ -17,6 +17,7 @@ from classifier import tracking
 from classifier.config import DEFAULT_THRESHOLD_RULE, ThresholdRule, TrainConfig
 from classifier.data.dataset import load_split
 from classifier.data.layout import positive_index, read_info
+from classifier.data.transforms import uses_tta
 from classifier.learn.device import resolve_device
 from classifier.learn.inference import load_checkpoint, predict_split
 from classifier.learn.train import discard_outputs, fit, metric_name
@@ -77,8 +78,7 @@ def refit_full(
     refused = tracking.try_delete_artifact(result.run_id, f"checkpoints/{BEST}")  # one copy: the refit's model
     if refused:
         print(f"refit: checkpoints/{BEST} stays in run {result.run_id} ({refused})", file=sys.stderr)
-    if not config.keep_outputs:
-        discard_outputs(config.output_dir, [result.run_id])
+    discard_outputs(config, [result.run_id])
     return uri
 
 
@@ -94,7 +94,7 @@ def fold_predictions(
     training = load_split(data, "training")
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = [load_checkpoint(run, Path(scratch) / run) for run in fold_runs]
-    tta = bool(checkpoints[0].get("tta"))
+    tta = uses_tta(checkpoints[0])
     labels, probabilities = out_of_fold(checkpoints, training, batch_size, resolve_device("auto"), tta)
     return checkpoints, labels, probabilities
 

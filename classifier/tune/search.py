@@ -535,8 +535,7 @@ class Objective:
     def discard_outputs(self, trial: optuna.Trial) -> None:
         """Remove the local output folders of a trial that ended complete (its best.pt and model are logged) or
         pruned (never continued), and of the run it continued; `--keep-outputs` keeps them."""
-        if not self.job.train.keep_outputs:
-            discard_outputs(self.job.train.output_dir, self.trial_runs | ({trial.user_attrs.get(RESUME_ATTR)} - {None}))
+        discard_outputs(self.job.train, self.trial_runs | ({trial.user_attrs.get(RESUME_ATTR)} - {None}))
 
     def skip_if_full(self, trial: optuna.Trial) -> None:
         """End this trial unrun (FAILED, user attr `skipped`) when the --n-trials trials created before it fill the
