@@ -485,7 +485,17 @@ train_options = [
     click.option("--monitor", type=blank_is_unset(str), help="Metric for best epoch / early stopping. [auto]"),
     click.option("--patience", type=blank_is_unset(click.INT), help="Stop after N epochs without gain; 0 never. [0]"),
     click.option("--cache", type=_choice("auto", "memory", "memmap"), help="Decoded image cache. [auto]"),
-    click.option("--num-workers", type=blank_is_unset(click.INT), help="Loader processes. [auto]"),
+    click.option(
+        "--num-workers",
+        type=blank_is_unset(click.INT),
+        help="Loader processes, when batches do not come from the device. [auto]",
+    ),
+    click.option(
+        "--data-on-device",
+        type=_choice("auto", "true", "false"),
+        help="Copy the decoded splits to the training device once and draw batches there (no loader processes). "
+        "[auto: on a GPU when they fit half its free memory; on the CPU when in memory]",
+    ),
     click.option(
         "--output-dir",
         type=blank_is_unset(click.Path(file_okay=False, path_type=Path)),

@@ -207,6 +207,8 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if hint is str and isinstance(value, bool):  # YAML's `true` for a choice such as data_on_device
+            return "true" if value else "false"
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return hint(value)
@@ -337,6 +339,7 @@ AUGMENTATIONS = ("none", "light", "strong", "xray")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_MODES = ("auto", "memory", "memmap")
+DATA_ON_DEVICE = ("auto", "true", "false")
 
 
 @dataclasses.dataclass
@@ -387,6 +390,7 @@ class TrainConfig:
     patience: int = 0
     cache: str = "auto"
     num_workers: int | None = None
+    data_on_device: str = "auto"  # hold the splits on the training device (auto: a GPU with room, or in-memory CPU)
     output_dir: Path = Path("outputs")
     checkpoint_upload_minutes: float = 5.0  # best.pt + last.pt to the artifact store while training; 0: never
     resume: str | None = None
@@ -435,6 +439,7 @@ class TrainConfig:
             "amp": AMP_MODES,
             "device": DEVICES,
             "cache": CACHE_MODES,
+            "data_on_device": DATA_ON_DEVICE,
             "calibrate": CALIBRATIONS,
         }
         for name, allowed in choices.items():

@@ -13,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import wait_for
 from PIL import Image
 from prepared import prepared_dataset
 
 from classifier.config import PrepareConfig
 from classifier.data import dataset as dataset_module
+from classifier.data.batches import DeviceBatches
 from classifier.data.dataset import CachedImages, available_memory, load_split
 from classifier.data.layout import read_info
 from classifier.data.prepare import prepare
+from classifier.data.transforms import unit_range
 from classifier.errors import UserError
 
 SLOW_DECODE = """
@@ -135,5 +138,6 @@ def test_sixteen_bit_data_is_cached_as_uint16_and_served_in_zero_one(tmp_path: P
         arrays = load_split(tmp_path / "data", "training", cache=cache)
         assert arrays.images.dtype == np.uint16 and arrays.images.max() >= 60000
         images, _ = CachedImages(arrays).__getitems__(list(range(len(arrays.labels))))
-        assert images.dtype.is_floating_point
-        np.testing.assert_allclose(images.numpy(), arrays.images / 65535.0, rtol=1e-6)
+        (on_device, _), *_ = DeviceBatches(CachedImages(arrays), len(arrays.labels), torch.device("cpu"))
+        assert images.dtype == on_device.dtype == torch.uint16 and torch.equal(images, on_device)
+        np.testing.assert_allclose(unit_range(images).numpy(), arrays.images / 65535.0, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Regularisation options of training: mixup/cutmix, weight EMA, dropout and stochastic depth, the xray recipe."""
+"""Regularisation options of training: mixup/cutmix, weight EMA, dropout and stochastic depth."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from prepared import prepared_dataset
 
 from classifier.cli import main
 from classifier.config import TrainConfig, build_config
-from classifier.data.dataset import CachedImages, load_split
-from classifier.data.transforms import augmentation
 from classifier.errors import UserError
 from classifier.learn import train
 from classifier.learn.train import Trainer, cpu_state_dict, fit, make_mixup
@@ -192,23 +190,3 @@ def test_losses_take_class_probabilities_as_they_take_classes(loss: str, weighte
     assert criterion(logits, one_hot).item() == pytest.approx(criterion(logits, labels).item(), rel=1e-5)
     mixed = 0.7 * one_hot + 0.3 * one_hot.flip(0)
     assert criterion(logits, mixed).item() > 0
-
-
-def test_xray_recipe_never_flips_and_keeps_dtype_and_labels(three_classes: Path) -> None:
-    image = torch.zeros(1, 32, 32, dtype=torch.uint8)
-    image[:, :16, :16] = 255  # bright in the top-left quarter only
-    recipe = augmentation("xray", 32)
-    torch.manual_seed(0)
-
-    for _ in range(300):
-        out = recipe(image)
-        assert out.dtype == torch.uint8 and out.shape == image.shape
-        top, bottom = out[:, :16].float().mean(), out[:, 16:].float().mean()
-        left, right = out[:, :, :16].float().mean(), out[:, :, 16:].float().mean()
-        assert top > bottom + 30 and left > right + 30
-    grey16 = recipe(torch.rand(1, 32, 32))  # 16-bit data reaches the recipe as floats in [0, 1]
-    assert grey16.dtype == torch.float32 and grey16.min() >= 0 and grey16.max() <= 1
-
-    split = load_split(three_classes, "training")
-    images, labels = CachedImages(split, transform=augmentation("xray", 16)).__getitems__(list(range(36)))
-    assert images.dtype == torch.uint8 and torch.equal(labels, torch.from_numpy(split.labels))

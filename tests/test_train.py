@@ -205,11 +205,12 @@ def test_pretrained_efficientnet_lite0_fine_tunes_offline(tmp_path: Path) -> Non
     assert result.best_metrics["val_accuracy"] > 0.5
 
 
-def test_weighted_sampler_balances_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resident", [True, False])
+def test_weighted_sampler_balances_batches(tmp_path: Path, resident: bool) -> None:
     root = prepared_dataset(tmp_path, {"common": 36, "rare": 6})
     training = CachedImages(load_split(root, "training"))
     config = quick(tmp_path, sampler="weighted", batch_size=1000)
-    loader = make_loader(training, config, torch.device("cpu"), torch.Generator().manual_seed(0), shuffle=True)
+    loader = make_loader(training, config, torch.device("cpu"), torch.Generator().manual_seed(0), True, resident)
 
     drawn = np.concatenate([labels.numpy() for _ in range(20) for _, labels in loader])
     assert np.bincount(training.labels).min() < len(training) / 4

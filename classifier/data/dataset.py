@@ -226,21 +226,17 @@ def _decode_into(images: np.ndarray, root: Path, paths: list[str], info: Dataset
 
 
 class CachedImages(Dataset):
-    """Rows `indices` of a split array; `__getitems__` returns whole batches (see the module doc), augmented per image.
+    """Rows `indices` of a split array; `__getitems__` returns whole batches (see the module doc) of the images as
+    cached (uint8 or uint16): scaling, augmentation and normalisation happen batched on the device.
 
     `metadata` is the split's encoded metadata (one row per image of the split), or None for image-only models.
     """
 
     def __init__(
-        self,
-        arrays: SplitArrays,
-        indices: np.ndarray | None = None,
-        transform=None,
-        metadata: np.ndarray | None = None,
+        self, arrays: SplitArrays, indices: np.ndarray | None = None, metadata: np.ndarray | None = None
     ) -> None:
         self.arrays = arrays
         self.indices = np.arange(len(arrays.labels)) if indices is None else np.asarray(indices)
-        self.transform = transform
         self.metadata = None if metadata is None else torch.from_numpy(metadata)
 
     def __len__(self) -> int:
@@ -259,10 +255,6 @@ class CachedImages(Dataset):
     def __getitems__(self, positions: list[int]) -> tuple[Any, torch.Tensor]:
         rows = self.indices[np.asarray(positions)]
         images = torch.from_numpy(np.ascontiguousarray(self.arrays.images[rows]))
-        if images.dtype == torch.uint16:  # 16-bit data: cached as is, scaled to [0, 1] here
-            images = images.float().div_(65535.0)
-        if self.transform is not None:
-            images = torch.stack([self.transform(image) for image in images])
         labels = torch.from_numpy(self.arrays.labels[rows])
         if self.metadata is None:
             return images, labels

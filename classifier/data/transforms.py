@@ -1,15 +1,14 @@
-"""Image -> tensor conversion, normalisation and the augmentation recipes (torchvision.transforms.v2)."""
+"""Image -> tensor conversion, normalisation, the batched augmentation recipes (Kornia) and test-time views."""
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 
+import kornia.augmentation as K
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 
 def image_to_tensor(image: Image.Image, bit_depth: int) -> torch.Tensor:
@@ -43,46 +42,67 @@ class Normalise(torch.nn.Module):
         return (images.float() * self.scale).sub_(self.shift)
 
 
-class RandomGamma(torch.nn.Module):
-    """Gamma correction, the gamma drawn log-uniformly from `gammas` (torchvision has the correction, not the draw)."""
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 or uint16 batch as floats in [0, 1] (float batches are taken as already there)."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if images.dtype == torch.uint16:
+        return images.float().div_(65535.0)
+    return images.float()
 
-    def __init__(self, gammas: tuple[float, float] = (0.8, 1.25)) -> None:
+
+class BatchAugmentation(torch.nn.Module):
+    """A training recipe applied to whole NCHW float batches in [0, 1] on whichever device holds them, each image
+    with its own random parameters (Kornia), drawn from torch's global generator (seeded, and saved in `last.pt`)."""
+
+    def __init__(self, recipe: str) -> None:
         super().__init__()
-        self.log_gammas = (math.log(gammas[0]), math.log(gammas[1]))
+        self.recipe = recipe
+        self.by_size = torch.nn.ModuleDict()  # `strong` crops back to the batch's size: one pipeline per size
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        gamma = math.exp(torch.empty(()).uniform_(*self.log_gammas).item())
-        return v2.functional.adjust_gamma(image, gamma)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = str(images.shape[-1])
+        if size not in self.by_size:
+            self.by_size[size] = recipe_steps(self.recipe, images.shape[-1]).to(images.device)
+        return self.by_size[size](images)
 
 
-def augmentation(recipe: str, size: int) -> v2.Compose | None:
-    """Per-image training augmentation on CxHxW tensors: none, light (flip, small affine), strong, or xray (no flip,
-    small affine, brightness, contrast and gamma; the image keeps its dtype, as with light)."""
+def recipe_steps(recipe: str, size: int) -> torch.nn.Sequential:
+    """The steps of a recipe for `size` px batches: none, light (flip, small affine), xray (no flip: small affine,
+    brightness, contrast and gamma) or strong (crop, both flips, affine with shear, noise, erasing)."""
     if recipe == "none":
-        return None
+        return torch.nn.Sequential()
     if recipe == "light":
-        return v2.Compose(
-            [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05))]
+        return torch.nn.Sequential(
+            K.RandomHorizontalFlip(), K.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05), p=1.0)
         )
     if recipe == "xray":  # no flips: anatomy and side markers have a left and a right, a top and a bottom
-        return v2.Compose(
-            [
-                v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-                v2.ColorJitter(brightness=0.2, contrast=0.2),
-                RandomGamma((0.8, 1.25)),
-            ]
+        return torch.nn.Sequential(
+            K.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), p=1.0),
+            K.ColorJitter(brightness=0.2, contrast=0.2, p=1.0),
+            K.RandomGamma(gamma=(0.8, 1.25), p=1.0),
         )
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomAffine(degrees=20, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=5),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.GaussianNoise(sigma=0.03, clip=True),
-            v2.RandomErasing(p=0.25, scale=(0.02, 0.15)),
-        ]
+    return torch.nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(0.7, 1.0)),
+        K.RandomHorizontalFlip(),
+        K.RandomVerticalFlip(),
+        K.RandomAffine(degrees=20, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=5.0, p=1.0),
+        K.RandomGaussianNoise(std=0.03, p=1.0),
+        ClampUnit(),
+        K.RandomErasing(p=0.25, scale=(0.02, 0.15)),
     )
+
+
+class ClampUnit(torch.nn.Module):
+    """Clip a batch back to [0, 1] (after added noise)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.clamp_(0.0, 1.0)
+
+
+def augmentation(recipe: str) -> BatchAugmentation | None:
+    """The batched training augmentation of a recipe; None for `none`."""
+    return None if recipe == "none" else BatchAugmentation(recipe)
 
 
 def flips(images: torch.Tensor, dims: Sequence[int] = (-1,)) -> list[torch.Tensor]:
@@ -94,9 +114,8 @@ def flips(images: torch.Tensor, dims: Sequence[int] = (-1,)) -> list[torch.Tenso
 def recipe_flips(recipe: str) -> tuple[int, ...]:
     """The flips a training recipe makes (as `flips` dims): test-time augmentation shows a model only views it was
     trained on, so never an upside-down x-ray to a model that never saw one."""
-    transform = augmentation(recipe, 8)
-    steps = transform.transforms if transform is not None else []
-    kinds = ((v2.RandomHorizontalFlip, -1), (v2.RandomVerticalFlip, -2))
+    steps = recipe_steps(recipe, 8)
+    kinds = ((K.RandomHorizontalFlip, -1), (K.RandomVerticalFlip, -2))
     return tuple(dim for kind, dim in kinds if any(isinstance(step, kind) for step in steps))
 
 

@@ -30,15 +30,16 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import lr_scheduler
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from classifier import processes, stopping, tracking
 from classifier.config import TrainConfig, build_config
 from classifier.console import progress
+from classifier.data.batches import DeviceBatches, fits_on_device
 from classifier.data.dataset import CachedImages, batched, class_counts, fit_indices, load_split
 from classifier.data.layout import DatasetInfo, choose_positive_class, positive_index, read_info
 from classifier.data.metadata import ColumnEncoding, encode, encoding_width, fit_encoding, to_plain
-from classifier.data.transforms import Normalise, augmentation, tta_views, uses_tta
+from classifier.data.transforms import Normalise, augmentation, tta_views, unit_range, uses_tta
 from classifier.errors import UserError
 from classifier.learn.device import amp_dtype, memory_format, resolve_device, use_fast_kernels
 from classifier.learn.explained import log_test_grid
@@ -60,6 +61,7 @@ NOT_IN_RESUME_KEY = (
     "system_metrics",
     "num_workers",
     "cache",
+    "data_on_device",
     "checkpoint_upload_minutes",
     "keep_outputs",
 )
@@ -191,8 +193,10 @@ def _fit(
         raise UserError(f"{data}: no training images for classes {missing}; prepare the dataset with more images")
     trainer.set_criterion(counts, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = make_loader(train_set, config, device, generator, shuffle=True)
-    val_loader = None if val_set is None else make_loader(val_set, config, device, None, shuffle=False)
+    splits = [dataset.arrays for dataset in (train_set, val_set) if dataset is not None]
+    resident = fits_on_device(config.data_on_device, splits, device)
+    train_loader = make_loader(train_set, config, device, generator, shuffle=True, resident=resident)
+    val_loader = None if val_set is None else make_loader(val_set, config, device, None, False, resident)
     if state is not None:
         trainer.load_state(state, generator)
     run_tags = {**(tags or {}), RESUME_TAG: resume_key, "classifier.data": str(data.resolve())}
@@ -267,6 +271,7 @@ class Trainer:
         use_fast_kernels(device)
         self.model = model.to(device, memory_format=self.memory_format)
         self.normalise = Normalise(info.mean, info.std).to(device)
+        self.augment = augmentation(config.augment)
         self.monitor = resolve_monitor(config.monitor, len(info.classes), self.multi_label)
         self.maximise = not self.monitor.endswith("loss")
         self.optimizer = make_optimizer(model, config)
@@ -400,7 +405,7 @@ class Trainer:
             stopping.checked(loader), desc="training", unit="batch", total=len(loader), leave=False, mininterval=1
         )
         for inputs, labels in batches:
-            inputs, labels = self._inputs(inputs, size), labels.to(self.device, non_blocking=True)
+            inputs, labels = self._inputs(inputs, size, augment=True), labels.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 inputs, labels = self._mixed(inputs, labels)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -450,13 +455,20 @@ class Trainer:
         loss = self.criterion(logits.to(self.device), torch.from_numpy(labels).to(self.device)).item()
         return loss, labels, probabilities
 
-    def _inputs(self, inputs: Any, size: int | None = None) -> Any:
-        """A batch's images normalised on the device (downscaled to `size` px when smaller), metadata moved there."""
+    def _inputs(self, inputs: Any, size: int | None = None, augment: bool = False) -> Any:
+        """A batch's images on the device: downscaled to `size` px when smaller, then (`augment`) the training recipe,
+        normalised last; its metadata moved there too."""
         images, metadata = inputs if isinstance(inputs, tuple) else (inputs, None)
-        images = self.normalise(images.to(self.device, non_blocking=True))
-        if size is not None and size < images.shape[-1]:
+        images = images.to(self.device, non_blocking=True)
+        resize = size is not None and size < images.shape[-1]
+        augment = augment and self.augment is not None
+        if resize or augment:
+            images = unit_range(images)
+        if resize:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        images = images.contiguous(memory_format=self.memory_format)
+        if augment:
+            images = self.augment(images)
+        images = self.normalise(images).contiguous(memory_format=self.memory_format)
         return images if metadata is None else (images, metadata.to(self.device, non_blocking=True))
 
     def checkpoint(self) -> dict[str, Any]:
@@ -826,34 +838,46 @@ def _datasets(
         encodings = fit_encoding(training.rows.iloc[train_rows], config.metadata)
         train_metadata = encode(training.rows, encodings)
         val_metadata = train_metadata if validation is training else encode(validation.rows, encodings)
-    transform = augmentation(config.augment, info.size)
-    validation_set = CachedImages(validation, val_rows, None, val_metadata) if validate else None
-    return CachedImages(training, train_rows, transform, train_metadata), validation_set, encodings
+    validation_set = CachedImages(validation, val_rows, val_metadata) if validate else None
+    return CachedImages(training, train_rows, train_metadata), validation_set, encodings
 
 
 def make_loader(
-    dataset: CachedImages, config: TrainConfig, device: torch.device, generator: torch.Generator | None, shuffle: bool
-) -> DataLoader:
-    """Batches straight from the decoded cache; worker processes when images are augmented or memory-mapped, one per
-    core of this process's share (a search worker's threads) but the one that trains."""
-    workers = config.num_workers
-    if workers is None:
-        in_memory = not isinstance(dataset.arrays.images, np.memmap)
-        share = min(processes.available_cores(), torch.get_num_threads())
-        workers = 0 if (dataset.transform is None and in_memory) else max(1, share - 1)
+    dataset: CachedImages,
+    config: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator | None,
+    shuffle: bool,
+    resident: bool,
+) -> DataLoader | DeviceBatches:
+    """Batches in the sampler's order (shuffled with `generator`, or class-balanced): drawn on the device from the
+    split held there (`resident`), else by a DataLoader over the decoded cache, with loader processes (persistent,
+    prefetching, into pinned memory) when the images are memory-mapped, one per core of this process's share but
+    the one that trains."""
+    batch_size = config.batch_size if shuffle else config.batch_size * 2
     sampler = None
     if shuffle and config.sampler == "weighted":
         weights = torch.as_tensor(sample_weights(dataset.labels), dtype=torch.double)
         sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=generator)
+    if resident:
+        return DeviceBatches(dataset, batch_size, device, sampler)
+    workers = config.num_workers
+    if workers is None:
+        in_memory = not isinstance(dataset.arrays.images, np.memmap)
+        share = min(processes.available_cores(), torch.get_num_threads())
+        workers = 0 if in_memory else max(1, share - 1)
     return DataLoader(
         dataset,
-        batch_size=config.batch_size if shuffle else config.batch_size * 2,
-        shuffle=shuffle and sampler is None,
+        batch_size=batch_size,
         sampler=sampler,
         generator=generator,
         num_workers=workers,
         collate_fn=batched,
         pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
     )
 
 
