@@ -99,7 +99,8 @@ def main(verbose: bool) -> None:
     "--budget",
     type=blank_is_unset(str),
     help="Wall time of the whole search, e.g. 1h, 90m: trials get 90%, then the champion is built; trials still "
-    "running when their share ends are pruned.",
+    "running when their share ends are pruned. Epochs per trial are train.epochs, fewer when an epoch (timed on a "
+    "few batches) leaves room for fewer than 8 whole trials.",
 )
 @click.option(
     "--refit",
@@ -145,7 +146,9 @@ def main(verbose: bool) -> None:
     "[false]",
 )
 @click.option(
-    "--epochs", type=blank_is_unset(click.INT), help="Epochs per trial (overrides the train section and the space)."
+    "--epochs",
+    type=blank_is_unset(click.INT),
+    help="Epochs per trial (overrides the train section and the space, and a --budget never lowers them).",
 )
 @click.option(
     "--model",
@@ -168,6 +171,8 @@ def search_command(
     fixed = {name: value for name, value in {"epochs": epochs, "model": model}.items() if value is not None}
     overrides = {**fixed, "keep_outputs": keep_outputs}
     train = build_config(TrainConfig, load_section(config_path, "train"), overrides, origin=origin)
+    if epochs is not None:  # the epochs asked for, whatever the budget
+        options["fit_epochs_to_budget"] = False
     config = build_config(SearchConfig, load_section(config_path, "search"), options, origin=origin)
     for name in fixed:
         config.space.pop(name, None)  # fixed on the command line: no longer searched

@@ -254,6 +254,7 @@ class SearchConfig:
     n_trials: int | None = None
     timeout: float | None = None
     budget: str | None = None
+    fit_epochs_to_budget: bool = True  # with a budget, train.epochs is a ceiling: fewer when few trials would fit
     n_workers: int | str = 1  # or auto: one per visible GPU, else one per threads_per_worker (2) cores
     threads_per_worker: int | None = None
     objective: str = "val_log_loss"

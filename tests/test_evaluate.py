@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -64,6 +65,25 @@ def test_evaluate_scores_the_test_split_like_sklearn_and_logs_it(trained: tuple[
     assert interval is not None, printed
     assert float(interval[2]) <= float(interval[1]) == pytest.approx(expected["accuracy"], abs=1e-4)
     assert float(interval[1]) <= float(interval[3])
+
+
+def test_evaluate_and_predict_decide_alike_on_every_test_image(trained: tuple[Path, object]) -> None:
+    data, result = trained
+    checkpoint = torch.load(result.checkpoint, weights_only=True)
+    test = load_split(data, "test")
+    _, probabilities = predict_split(checkpoint, test, 4, torch.device("cpu"))  # what evaluate scores
+    evaluation = evaluate(EvaluateConfig(bootstrap=0), str(result.checkpoint), data)
+
+    files = [str(data / path) for path in test.paths]
+    printed = CliRunner().invoke(main, ["predict", str(result.checkpoint), *files, "--output", "-"])
+    assert printed.exit_code == 0, printed.output
+    table = pd.read_csv(io.StringIO(printed.stdout)).set_index("path").loc[files]
+
+    np.testing.assert_allclose(table[["prob_benign", "prob_malignant"]].to_numpy(), probabilities, atol=1e-6)
+    decided = np.where(probabilities[:, 1] >= checkpoint["threshold"], "malignant", "benign")
+    assert list(table["label"]) == list(decided)
+    truth = np.array(["benign", "malignant"])[test.labels]
+    assert evaluation.metrics["accuracy"] == pytest.approx(np.mean(table["label"].to_numpy() == truth))
 
 
 def test_evaluate_accepts_a_run_id_or_a_logged_model_with_tta(trained: tuple[Path, object]) -> None:

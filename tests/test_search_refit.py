@@ -16,12 +16,14 @@ from click.testing import CliRunner
 from prepared import prepared_dataset
 
 from classifier.cli import main
-from classifier.config import SearchConfig, build_config
+from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.data.dataset import load_split
 from classifier.errors import UserError
 from classifier.learn.inference import load_checkpoint, predict_split
+from classifier.learn.probe import epoch_seconds
 from classifier.measure.threshold import choose_threshold
 from classifier.nets.ensemble import ENSEMBLE
+from classifier.tune.budget import EPOCHS_ATTR, MIN_FULL_TRIALS
 from classifier.tune.refit import FOLD_EPOCHS_ATTR, FOLD_RUNS_ATTR
 from classifier.tune.storage import JOURNAL_FILE, open_storage
 
@@ -146,6 +148,29 @@ def test_a_budget_ends_the_study_and_prunes_the_trial_it_cuts(tmp_path, folded, 
     study = optuna.load_study(study_name="s", storage=open_storage(str(tmp_path / JOURNAL_FILE)))
     (cut,) = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED]
     assert 0 < len(cut.intermediate_values) < 2000
+    assert EPOCHS_ATTR not in study.user_attrs  # --epochs: as many as asked, whatever the budget
+
+
+def test_under_a_budget_the_epochs_per_trial_follow_from_a_timed_epoch(tmp_path, folded, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = {**TINY_TRAIN, "epochs": 100_000}
+    config = tmp_path / "experiment.yaml"
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    config.write_text(yaml.safe_dump({"train": train, "search": {"study_name": "s", "space": space, "n_trials": 1}}))
+
+    result = CliRunner().invoke(main, ["search", str(folded), "--config", str(config), "--budget", "30s"])
+
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="s", storage=open_storage(str(tmp_path / JOURNAL_FILE)))
+    epochs = study.user_attrs[EPOCHS_ATTR]
+    assert 2 <= epochs < 100_000 and f"trials train up to {epochs} epochs" in result.output
+    epoch = epoch_seconds(build_config(TrainConfig, train), folded)
+    assert epochs * MIN_FULL_TRIALS * epoch < 2 * 27  # 8 whole trials fit the trials' 90% of 30 s (timing noise: 2x)
+    (trial,) = study.trials
+    client = mlflow.MlflowClient()
+    assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.params["epochs"] == str(epochs)
+    parent = client.get_run(client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.data.params[EPOCHS_ATTR] == str(epochs)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ from classifier.nets.models import apply_model, create_model, frozen_backbone, h
 
 LAST = "last.pt"  # the resume checkpoint, beside BEST
 RESUME_TAG = "classifier.resume_key"
+Batches = DataLoader | DeviceBatches  # what the epoch loop iterates
 NOT_IN_RESUME_KEY = (
     "resume",
     "output_dir",
@@ -173,30 +174,12 @@ def _fit(
             f"train: progressive_sizes {config.progressive_sizes} go beyond the {info.size} px of {data}; "
             f"use sizes up to {info.size} (the last stage normally is {info.size})"
         )
-    train_set, val_set, encodings = _datasets(config, data, info, fold, validate)
-    model = create_model(
-        config.model,
-        len(info.classes),
-        info.channels,
-        config.pretrained,
-        config.weights,
-        encoding_width(encodings),
-        config.drop_rate,
-        config.drop_path_rate,
+    generator = torch.Generator().manual_seed(config.seed)
+    trainer, train_set, val_set, train_loader, val_loader = training_setup(
+        config, data, info, fold, validate, device, generator
     )
-    trainer = Trainer(config, info, model, device, encodings)
     trainer.resume_key = resume_key
     trainer.resume_state_stored = run_id is not None  # it may have gone to the artifact store before the stop
-    counts = class_counts(train_set.labels, len(info.classes))
-    if (counts == 0).any():
-        missing = [name for name, count in zip(info.classes, counts, strict=True) if count == 0]
-        raise UserError(f"{data}: no training images for classes {missing}; prepare the dataset with more images")
-    trainer.set_criterion(counts, len(train_set))
-    generator = torch.Generator().manual_seed(config.seed)
-    splits = [dataset.arrays for dataset in (train_set, val_set) if dataset is not None]
-    resident = fits_on_device(config.data_on_device, splits, device)
-    train_loader = make_loader(train_set, config, device, generator, shuffle=True, resident=resident)
-    val_loader = None if val_set is None else make_loader(val_set, config, device, None, False, resident)
     if state is not None:
         trainer.load_state(state, generator)
     run_tags = {**(tags or {}), RESUME_TAG: resume_key, "classifier.data": str(data.resolve())}
@@ -246,6 +229,40 @@ def _fit(
         model_uri=model_uri,
         checkpoint=folder / BEST,
     )
+
+
+def training_setup(
+    config: TrainConfig,
+    data: Path,
+    info: DatasetInfo,
+    fold: int | None,
+    validate: bool,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[Trainer, CachedImages, CachedImages | None, Batches, Batches | None]:
+    """The trainer of a new network with its criterion, the training and validation sets, and their loaders."""
+    train_set, val_set, encodings = _datasets(config, data, info, fold, validate)
+    model = create_model(
+        config.model,
+        len(info.classes),
+        info.channels,
+        config.pretrained,
+        config.weights,
+        encoding_width(encodings),
+        config.drop_rate,
+        config.drop_path_rate,
+    )
+    trainer = Trainer(config, info, model, device, encodings)
+    counts = class_counts(train_set.labels, len(info.classes))
+    if (counts == 0).any():
+        missing = [name for name, count in zip(info.classes, counts, strict=True) if count == 0]
+        raise UserError(f"{data}: no training images for classes {missing}; prepare the dataset with more images")
+    trainer.set_criterion(counts, len(train_set))
+    splits = [dataset.arrays for dataset in (train_set, val_set) if dataset is not None]
+    resident = fits_on_device(config.data_on_device, splits, device)
+    train_loader = make_loader(train_set, config, device, generator, shuffle=True, resident=resident)
+    val_loader = None if val_set is None else make_loader(val_set, config, device, None, False, resident)
+    return trainer, train_set, val_set, train_loader, val_loader
 
 
 class Trainer:
@@ -307,8 +324,8 @@ class Trainer:
 
     def train(
         self,
-        train_loader: DataLoader,
-        val_loader: DataLoader | None,
+        train_loader: Batches,
+        val_loader: Batches | None,
         generator: torch.Generator,
         folder: Path,
         run_id: str,
@@ -391,7 +408,7 @@ class Trainer:
             return self.info.size
         return sizes[min(len(sizes) - 1, epoch * len(sizes) // self.config.epochs)]
 
-    def train_one_epoch(self, loader: DataLoader, size: int | None = None, average: bool = True) -> tuple[float, float]:
+    def train_one_epoch(self, loader: Batches, size: int | None = None, average: bool = True) -> tuple[float, float]:
         """One pass over the training loader with images at `size` px; returns the mean loss and accuracy (per
         label, at probability 0.5, for multi-label data; against each mixed image's larger share with mixup).
 
@@ -445,7 +462,7 @@ class Trainer:
         return self.model if self.ema is None else self.ema.module
 
     def predict(
-        self, loader: DataLoader, views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+        self, loader: Batches, views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
     ) -> tuple[float, np.ndarray, np.ndarray]:
         """Mean loss (the training criterion, on the first view), labels and probabilities (softmax, or sigmoid;
         averaged over `views` of each batch) over `loader`, of the scored network."""
@@ -555,7 +572,7 @@ class Trainer:
         generator.set_state(rng["loader"])
 
     def tune_on_validation(
-        self, val_loader: DataLoader, best: dict[str, Any], folder: Path
+        self, val_loader: Batches, best: dict[str, Any], folder: Path
     ) -> tuple[np.ndarray, np.ndarray, float | list[float] | None]:
         """Calibrate the best epoch (`calibrate`) and tune its thresholds on validation, writing both into `best`
         (re-saved); return the validation labels, probabilities and thresholds."""
@@ -595,7 +612,7 @@ class Trainer:
             tracking.log_metrics(logged)
         return labels, probabilities, thresholds
 
-    def finish(self, val_loader: DataLoader | None, folder: Path, log_model: bool) -> str | None:
+    def finish(self, val_loader: Batches | None, folder: Path, log_model: bool) -> str | None:
         """Score the best epoch, calibrate it (`calibrate`) and tune its thresholds on validation (when there is
         one); upload report, plots, config and checkpoints in one call; log the servable model.
 
@@ -849,11 +866,11 @@ def make_loader(
     generator: torch.Generator | None,
     shuffle: bool,
     resident: bool,
-) -> DataLoader | DeviceBatches:
+) -> Batches:
     """Batches in the sampler's order (shuffled with `generator`, or class-balanced): drawn on the device from the
     split held there (`resident`), else by a DataLoader over the decoded cache, with loader processes (persistent,
-    prefetching, into pinned memory) when the images are memory-mapped, one per core of this process's share but
-    the one that trains."""
+    prefetching, into pinned memory) when the images are memory-mapped or go to a GPU, one per core of this process's
+    share but the one that trains."""
     batch_size = config.batch_size if shuffle else config.batch_size * 2
     sampler = None
     if shuffle and config.sampler == "weighted":
@@ -867,7 +884,7 @@ def make_loader(
     if workers is None:
         in_memory = not isinstance(dataset.arrays.images, np.memmap)
         share = min(processes.available_cores(), torch.get_num_threads())
-        workers = 0 if in_memory else max(1, share - 1)
+        workers = 0 if in_memory and device.type != "cuda" else max(1, share - 1)
     return DataLoader(
         dataset,
         batch_size=batch_size,

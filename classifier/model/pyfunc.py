@@ -38,7 +38,7 @@ import io
 import os
 import tempfile
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -287,7 +287,16 @@ class ImageClassifier:
 
     def read(self, values: list[Any], names: list[str]) -> list[tuple[torch.Tensor | None, str | None]]:
         """Each cell as a tensor, or why it cannot be read, decoded by the thread pool (`names` for the errors)."""
-        return list(self.pool.map(self._read_one, values, names))
+        return [future.result() for future in self.reading(values, names)]
+
+    def reading(self, values: list[Any], names: list[str]) -> list[Future]:
+        """`read`, started: the decode of each cell, under way in the thread pool."""
+        return [self.pool.submit(self._read_one, value, name) for value, name in zip(values, names, strict=True)]
+
+    def _decoding(self, images: list[Any], start: int) -> list[Future]:
+        """The decode of the batch of `images` from `start` (none past the end), started."""
+        batch = images[start : start + self.batch_size]
+        return self.reading(batch, [f"row {position}" for position in range(start, start + len(batch))])
 
     def _read_one(self, value: Any, name: str) -> tuple[torch.Tensor | None, str | None]:
         try:
@@ -306,10 +315,11 @@ class ImageClassifier:
         images = list(images)
         encoded = self.encode_metadata(metadata)
         tables = []
+        decoding = self._decoding(images, 0)
         with progress_bar(total=len(images), unit="image", desc="predict", disable=not progress) as bar:
             for start in range(0, len(images), self.batch_size):
-                batch = images[start : start + self.batch_size]
-                read = self.read(batch, [f"row {position}" for position in range(start, start + len(batch))])
+                read = [future.result() for future in decoding]
+                decoding = self._decoding(images, start + self.batch_size)  # while the network runs on this batch
                 tensors = [tensor for tensor, _ in read if tensor is not None]
                 rows = [start + offset for offset, (tensor, _) in enumerate(read) if tensor is not None]
                 extra = None if encoded is None else encoded[rows]
@@ -317,7 +327,7 @@ class ImageClassifier:
                     self.probabilities(torch.stack(tensors), extra) if tensors else np.empty((0, len(self.classes)))
                 )
                 tables.append(self.table(probabilities, [error for _, error in read]))
-                bar.update(len(batch))
+                bar.update(len(read))
         return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=self.columns)
 
 

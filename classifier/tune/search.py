@@ -35,6 +35,7 @@ from classifier.config import SearchConfig, TrainConfig, build_config
 from classifier.data.layout import read_info
 from classifier.errors import UserError
 from classifier.learn.train import check_metric, discard_outputs, epoch_metric_names, fit, resolve_monitor
+from classifier.tune.budget import EPOCHS_ATTR, budget_epochs
 from classifier.tune.refit import FOLD_EPOCHS_ATTR, FOLD_RUNS_ATTR, refit_folds, refit_full
 from classifier.tune.space import parse_space, read_enqueued, suggest
 from classifier.tune.storage import open_storage
@@ -137,6 +138,10 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
         for params in enqueued:  # once: a resumed or joined study already holds them
             study.enqueue_trial(params, skip_if_exists=True)
         trials_end = None if config.budget is None else started + config.budget_seconds * (1 - REFIT_SHARE)
+        if trials_end is not None and config.fit_epochs_to_budget and "epochs" not in distributions:
+            epochs = budget_epochs(study, config, train, data, trials_end - time.time())
+            train = dataclasses.replace(train, epochs=epochs)
+            tracking.log_summary(parent_run_id, {}, {EPOCHS_ATTR: epochs}, {})
         job = WorkerJob(Path(data).resolve(), train, config, study_name, metric, parent_run_id, trials_end=trials_end)
         if trials_to_run(study, config.trial_limit) and not budget_spent(job):
             with Progress(study, config.trial_limit, metric):
