@@ -36,7 +36,7 @@ WARM_UP_BATCHES = 5
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
 
 
-def prepared_dataset(scratch: Path, size: int) -> Path:
+def prepared_dataset(scratch: Path, size: int = 28) -> Path:
     output = scratch / "prepared"
     if NPZ.is_file():
         prepare(NPZ, output, PrepareConfig(size=size))

@@ -53,12 +53,15 @@ def test_onnx_gives_the_probabilities_of_the_pytorch_model_on_real_images(tmp_pa
 def test_the_metadata_says_how_to_feed_and_read_the_graph(tmp_path: Path):
     checkpoint = torch.load(write_checkpoint(tmp_path / "model.pt", threshold=0.4), weights_only=True)
     checkpoint["temperature"] = 2.0  # a calibrated model
+    checkpoint.update(positive_class="malignant", threshold_rule="youden", threshold_prevalence=0.3)
     torch.save(checkpoint, tmp_path / "calibrated.pt")
 
     result = export(str(tmp_path / "calibrated.pt"), tmp_path / "out" / "calibrated.onnx")
 
     props = {prop.key: prop.value for prop in onnx.load(str(result.path)).metadata_props}
     assert json.loads(props["classes"]) == ["benign", "malignant"] and json.loads(props["threshold"]) == 0.4
+    assert json.loads(props["positive_class"]) == "malignant" and json.loads(props["threshold_rule"]) == "youden"
+    assert json.loads(props["threshold_prevalence"]) == 0.3
     preprocessing = json.loads(props["preprocessing"])
     assert preprocessing["mean"] == [0.5] * 3 and preprocessing["std"] == [0.25] * 3 and preprocessing["size"] == 32
     assert json.loads(props["calibration"]) == {"temperature": 2.0}

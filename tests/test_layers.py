@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+from classifier.model.pyfunc import serving_requirements
 
 PACKAGE = Path(__file__).resolve().parents[1] / "classifier"
 
@@ -117,3 +122,50 @@ def test_the_served_model_imports_neither_tracking_nor_optuna():
     script = f"import sys, classifier.model.served_model; print(sorted({unwanted} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def with_dependencies(packages: set[str]) -> set[str]:
+    """`packages` and everything they require when installed (no extras), by their installed metadata."""
+    seen: set[str] = set()
+    waiting = [canonical(name) for name in packages]
+    while waiting:
+        name = waiting.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # not installed here: nothing comes with it
+            continue
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                waiting.append(canonical(requirement.name))
+    return seen
+
+
+def packages_imported_by(path: Path) -> set[str]:
+    """The top-level names of every module a file imports (lazily too), other than the package itself."""
+    tree = ast.parse(path.read_text(), str(path))
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    return {name.split(".")[0] for name in names if name} - {"classifier"}
+
+
+def test_the_serving_requirements_name_every_package_the_served_model_imports():
+    """A model served in a fresh environment gets only `serving_requirements()` installed: each package that the
+    modules loading the model's code imports must come with them."""
+    script = (
+        "import sys, classifier.model.served_model; print(sorted(n for n in sys.modules if n.startswith('classifier')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    loaded = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    imported = set().union(*(packages_imported_by(MODULES[name]) for name in loaded if name in MODULES))
+    owners = metadata.packages_distributions()  # a namespace package (nvidia) has several; one of them is enough
+    installed = with_dependencies({Requirement(line).name for line in serving_requirements()})
+    missing = sorted(name for name in imported & set(owners) if not installed & {canonical(o) for o in owners[name]})
+    assert missing == []

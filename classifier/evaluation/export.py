@@ -4,7 +4,8 @@ The graph takes `image`, N x C x H x W float32 pixels in [0, 1] (8-bit values / 
 `preprocessing.resize` says), normalises them with the training mean/std inside the graph, and answers `probabilities`
 (softmax, or sigmoid for multi-label models; of the logits divided by the calibration temperature when the checkpoint
 has one, as the network rebuilt from it gives them). Models with metadata also take `metadata`, the encoded rows (see
-`metadata_encoding`). The ONNX metadata holds classes, threshold, task, preprocessing, calibration and the encoding as
+`metadata_encoding`). The ONNX metadata holds classes, threshold (with its positive class, rule and the validation
+prevalence it was tuned at), task, preprocessing, calibration and the encoding as
 JSON strings. The export is checked on sample inputs against PyTorch before it is written.
 """
 
@@ -169,6 +170,9 @@ def onnx_metadata(checkpoint: dict[str, Any], source: str) -> dict[str, str]:
     return {
         "classes": json.dumps(list(checkpoint["classes"])),
         "threshold": json.dumps(checkpoint.get("threshold")),
+        "positive_class": json.dumps(checkpoint.get("positive_class")),  # what the threshold is on
+        "threshold_rule": json.dumps(checkpoint.get("threshold_rule")),  # how it was tuned, e.g. youden
+        "threshold_prevalence": json.dumps(checkpoint.get("threshold_prevalence")),  # the positives' share it saw
         "task": str(checkpoint.get("task", "single_label")),
         "architecture": str(checkpoint["architecture"]),
         "preprocessing": json.dumps(preprocessing),

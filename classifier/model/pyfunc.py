@@ -80,7 +80,19 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "dicom_window": None,
     "dicom_frame": None,
 }
-SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "pillow", "numpy", "pandas", "click", "tqdm", "pydicom")
+SERVING_PACKAGES = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "kornia",
+    "pillow",
+    "numpy",
+    "pandas",
+    "click",
+    "tqdm",
+    "pydicom",
+)
 MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # sets a ClassifierModel: nothing pickled
 PACKAGE = Path(__file__).resolve().parents[1]  # the `classifier` package, logged as the model's code
