@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import graphlib
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from classifier.model.pyfunc import serving_requirements
 
@@ -116,22 +116,23 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     assert list(imports(lazy)) == [("classifier.tracking", True), ("classifier.tune.search", False)]
 
 
-def test_the_served_model_imports_neither_tracking_nor_optuna():
-    """`mlflow models serve` installs only the serving requirements: the logged model's code must not need more."""
-    unwanted = "{'classifier.tracking', 'optuna'}"
-    script = f"import sys, classifier.model.served_model; print(sorted({unwanted} & set(sys.modules)))"
+@pytest.fixture(scope="module")
+def served_model_modules() -> set[str]:
+    """The modules a fresh process has loaded once it has loaded the logged model's code."""
+    script = "import sys, classifier.model.served_model; print(sorted(sys.modules))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip() == "[]"
+    return set(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def test_the_served_model_imports_neither_tracking_nor_optuna(served_model_modules):
+    """`mlflow models serve` installs only the serving requirements: the logged model's code must not need more."""
+    assert {"classifier.tracking", "optuna"} & served_model_modules == set()
 
 
 def with_dependencies(packages: set[str]) -> set[str]:
     """`packages` and everything they require when installed (no extras), by their installed metadata."""
     seen: set[str] = set()
-    waiting = [canonical(name) for name in packages]
+    waiting = [canonicalize_name(name) for name in packages]
     while waiting:
         name = waiting.pop()
         if name in seen:
@@ -144,7 +145,7 @@ def with_dependencies(packages: set[str]) -> set[str]:
         for text in requires:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                waiting.append(canonical(requirement.name))
+                waiting.append(canonicalize_name(requirement.name))
     return seen
 
 
@@ -156,16 +157,14 @@ def packages_imported_by(path: Path) -> set[str]:
     return {name.split(".")[0] for name in names if name} - {"classifier"}
 
 
-def test_the_serving_requirements_name_every_package_the_served_model_imports():
+def test_the_serving_requirements_name_every_package_the_served_model_imports(served_model_modules):
     """A model served in a fresh environment gets only `serving_requirements()` installed: each package that the
     modules loading the model's code imports must come with them."""
-    script = (
-        "import sys, classifier.model.served_model; print(sorted(n for n in sys.modules if n.startswith('classifier')))"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    loaded = ast.literal_eval(done.stdout.strip().splitlines()[-1])
-    imported = set().union(*(packages_imported_by(MODULES[name]) for name in loaded if name in MODULES))
+    loaded = served_model_modules & set(MODULES)
+    imported = set().union(*(packages_imported_by(MODULES[name]) for name in loaded))
     owners = metadata.packages_distributions()  # a namespace package (nvidia) has several; one of them is enough
     installed = with_dependencies({Requirement(line).name for line in serving_requirements()})
-    missing = sorted(name for name in imported & set(owners) if not installed & {canonical(o) for o in owners[name]})
+    missing = sorted(
+        name for name in imported & set(owners) if not installed & {canonicalize_name(o) for o in owners[name]}
+    )
     assert missing == []
