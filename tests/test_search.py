@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import tracked_nothing
+from conftest import TRACKING_STORE, tracked_nothing
 from optuna.trial import TrialState
 from prepared import prepared_dataset
 
@@ -310,3 +310,24 @@ def test_an_option_given_on_the_command_line_is_fixed_for_the_study_not_searched
     assert result.exit_code == 0, result.output
     assert set(seen["config"].space) == {"epochs", "lr"}  # only --model was given
     assert seen["train"].model == "simple_cnn"
+
+
+@pytest.mark.slow
+def test_parallel_workers_track_where_their_launcher_does_now(tmp_path, dataset, monkeypatch):
+    # Workers fork from a server process that outlives one search (a notebook, a test session): they must take the
+    # launcher's environment as it is when they start, not the one the server started with.
+    import classifier.tune.search as search_module
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    search_module.worker_context()  # the fork server runs, started in another tracking environment (or earlier)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / TRACKING_STORE}")
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    search = {"space": space, "n_trials": 2, "n_workers": 2, "threads_per_worker": 1, "pruner": "none"}
+
+    result = run_search(tmp_path, dataset, {**search, "study_name": "forked"})
+
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / TRACKING_STORE}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(run.info.run_name for run in runs if run.info.run_name.startswith("trial-")) == ["trial-0", "trial-1"]
+    assert not (tmp_path / "elsewhere.db").exists()

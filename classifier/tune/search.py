@@ -10,13 +10,14 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ class WorkerJob:
     index: int = 0
     device: str | None = None
     trials_end: float | None = None  # time.time() by which trials stop (a --budget's share for them)
+    environ: dict[str, str] = field(default_factory=dict)  # the launcher's, as it starts the worker
 
 
 def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult:
@@ -115,6 +117,8 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
         )
     if config.n_workers > 1 and (config.storage or "").startswith("sqlite"):
         raise UserError("--storage sqlite:// does not support parallel workers; use the default journal or postgresql")
+    if config.n_workers > 1:
+        worker_context()  # its server imports the training code while this launcher sets the study up
     if config.n_workers > 1 and train.cache == "auto":
         train = dataclasses.replace(train, cache="memmap")  # one decode, every worker reading one memory map
     study_name = config.study_name or f"search-{Path(data).resolve().name}"
@@ -283,7 +287,7 @@ def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: An
         work(job)
         return
     gpus = visible_gpus()
-    context = multiprocessing.get_context("spawn")
+    context = worker_context()
     # A lock-free shared flag, not an Event: a worker killed while waiting on an Event's lock would leave every later
     # set() or is_set() of the launcher waiting for good.
     stop = context.Value("b", 0, lock=False)
@@ -292,7 +296,7 @@ def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: An
         device = gpus[index % len(gpus)] if gpus else None
         process = context.Process(
             target=work_in_subprocess,
-            args=(dataclasses.replace(job, index=index, device=device), stop),
+            args=(dataclasses.replace(job, index=index, device=device, environ=dict(os.environ)), stop),
             name=f"search-worker-{index}",
         )
         ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: the worker ignores Ctrl-C while it
@@ -347,6 +351,22 @@ def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: An
     ]
     if failed:
         raise UserError(f"search: {', '.join(failed)} failed (see the errors above); rerun the command to resume")
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where workers come from: forked from a server process that imported this module once, started here (a spawned
+    worker would import torch, timm and mlflow itself, several seconds each, on cores its siblings share). The server
+    starts with Ctrl-C ignored, as its workers do until they handle it (see run_workers)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    return context
 
 
 def _exit_cause(exitcode: int) -> str:
@@ -447,8 +467,10 @@ def work_in_subprocess(job: WorkerJob, stop: Any) -> None:
     """`work` in a spawned process. It stops (between batches, then trials) on its own Ctrl-C or SIGTERM, when the
     launcher sets `stop`, or when the launcher is gone; then it exits 130 (its trial failed and retried, its run
     KILLED)."""
+    os.environ.clear()  # the launcher's environment now, not the server's from when it started
+    os.environ.update(job.environ)
     os.environ[console.BARS] = "0"  # one progress line for the study (the launcher's): workers' bars would interleave
-    launcher = os.getppid()
+    launcher = os.getppid()  # the fork server, which exits with the launcher
 
     def watch() -> None:
         while not stop.value:
