@@ -82,6 +82,10 @@ def test_fit_learns_tiny_data_and_tracks_everything(three_classes: Path, tmp_pat
     assert model.source_run_id == result.run_id  # the UI's Models view ranks models by their best validation scores
     linked = {metric.key: metric.value for metric in model.metrics}
     assert linked["best_val_macro_f1"] == pytest.approx(result.best_metrics["val_macro_f1"])
+    # the per-epoch scores it shows are those of the epoch whose weights it holds, not of the first epoch
+    assert result.best_epoch > 1
+    assert {metric.step for metric in model.metrics if metric.key == "val_loss"} == {result.best_epoch - 1}
+    assert linked["val_loss"] == pytest.approx(result.best_metrics["val_loss"])
 
 
 def test_a_model_trained_with_tta_has_its_threshold_tuned_on_the_probabilities_it_predicts(

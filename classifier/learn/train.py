@@ -645,7 +645,8 @@ class Trainer:
         stopping.check()
         model_id = model_uri = None
         if log_model:
-            model = log_classifier_model(folder / BEST, name="model")
+            # MLflow links the run's metrics of `step` to the model: those of the epoch whose weights it holds
+            model = log_classifier_model(folder / BEST, name="model", step=self.best_epoch)
             model_id, model_uri = model.model_id, model.model_uri
         tracking.log_metrics(summary, model_id=model_id)  # with a model: its scores in the UI's Models view
         if self.resume_state_stored:  # a finished run never resumes: one copy of its best weights stays
