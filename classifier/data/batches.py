@@ -24,7 +24,7 @@ _RESIDENT: dict[tuple[int, str], tuple[SplitArrays, torch.Tensor, torch.Tensor]]
 
 def on_device(arrays: SplitArrays, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The split's images and labels as tensors on `device`, copied once per process."""
-    key = (id(arrays), str(device))
+    key = resident_key(arrays, device)
     if key not in _RESIDENT:
         if len(_RESIDENT) >= KEPT_SPLITS:
             _RESIDENT.pop(next(iter(_RESIDENT)))
@@ -38,7 +38,12 @@ def on_device(arrays: SplitArrays, device: torch.device) -> tuple[torch.Tensor, 
 
 
 def is_on_device(arrays: SplitArrays, device: torch.device) -> bool:
-    return (id(arrays), str(device)) in _RESIDENT
+    return resident_key(arrays, device) in _RESIDENT
+
+
+def resident_key(arrays: SplitArrays, device: torch.device) -> tuple[int, str]:
+    """A split's key among those held on devices (its entry keeps `arrays` alive, so the id stays its own)."""
+    return id(arrays), str(device)
 
 
 def fits_on_device(setting: str, splits: list[SplitArrays], device: torch.device) -> bool:

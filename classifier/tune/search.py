@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +119,8 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
         )
     if config.n_workers > 1 and (config.storage or "").startswith("sqlite"):
         raise UserError("--storage sqlite:// does not support parallel workers; use the default journal or postgresql")
-    if config.n_workers > 1:
-        worker_context()  # its server imports the training code while this launcher sets the study up
+    # the fork server imports the training code while this launcher sets the study up
+    context = worker_context() if config.n_workers > 1 else None
     if config.n_workers > 1 and train.cache == "auto":
         train = dataclasses.replace(train, cache="memmap")  # one decode, every worker reading one memory map
     study_name = config.study_name or f"search-{Path(data).resolve().name}"
@@ -149,7 +151,7 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
         job = WorkerJob(Path(data).resolve(), train, config, study_name, metric, parent_run_id, trials_end=trials_end)
         if trials_to_run(study, config.trial_limit) and not budget_spent(job):
             with Progress(study, config.trial_limit, metric):
-                run_workers(job, config.n_workers, study, handler)
+                run_workers(job, config.n_workers, study, handler, context)
         return summarise(study, job, maximize)
 
 
@@ -275,19 +277,25 @@ def worker_count(config: SearchConfig) -> int:
     return len(visible_gpus()) or max(1, processes.available_cores() // (config.threads_per_worker or AUTO_THREADS))
 
 
-def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: Any) -> None:
-    """Run the study in this process, or in `n_workers` spawned processes, one GPU each when there are GPUs.
+def run_workers(
+    job: WorkerJob,
+    n_workers: int,
+    study: optuna.Study,
+    handler: Any,
+    context: multiprocessing.context.BaseContext | None,
+) -> None:
+    """Run the study in this process, or in `n_workers` processes of `context` (see worker_context), one GPU each when
+    there are GPUs.
 
     The launcher watches its workers: one killed by a signal it did not send (the OOM killer, `kill -9`) has its trial
     failed and retried, and is replaced while the study has trials to run. A stop request (Ctrl-C, SIGTERM; see
     classifier.stopping) reaches each worker once, as a shared flag rather than a second signal (a terminal's Ctrl-C has
     reached them all already); a second request kills the workers still running after FORCE_GRACE_S. Either way
     their trials end failed and retried on the next run, and no run is left RUNNING."""
-    if n_workers == 1:
+    if context is None:
         work(job)
         return
     gpus = visible_gpus()
-    context = worker_context()
     # A lock-free shared flag, not an Event: a worker killed while waiting on an Event's lock would leave every later
     # set() or is_set() of the launcher waiting for good.
     stop = context.Value("b", 0, lock=False)
@@ -299,11 +307,8 @@ def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: An
             args=(dataclasses.replace(job, index=index, device=device, environ=dict(os.environ)), stop),
             name=f"search-worker-{index}",
         )
-        ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: the worker ignores Ctrl-C while it
-        try:  # starts, then handles it as a stop request (a Ctrl-C meanwhile reaches it through `stop`)
+        with ctrl_c_ignored():  # a spawned worker (no fork server) inherits it
             process.start()
-        finally:
-            signal.signal(signal.SIGINT, ignored)
         return process
 
     active = {index: start(index) for index in range(n_workers)}
@@ -356,17 +361,25 @@ def run_workers(job: WorkerJob, n_workers: int, study: optuna.Study, handler: An
 def worker_context() -> multiprocessing.context.BaseContext:
     """Where workers come from: forked from a server process that imported this module once, started here (a spawned
     worker would import torch, timm and mlflow itself, several seconds each, on cores its siblings share). The server
-    starts with Ctrl-C ignored, as its workers do until they handle it (see run_workers)."""
+    starts with Ctrl-C ignored, which the workers it forks inherit."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with ctrl_c_ignored():
         multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, ignored)
     return context
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """Ctrl-C ignored meanwhile, so that a process started now ignores it until it installs its own handler
+    (work_in_subprocess: a Ctrl-C meanwhile reaches it through the launcher's stop flag)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_cause(exitcode: int) -> str:
@@ -464,9 +477,9 @@ class PlotRefresh:
 
 
 def work_in_subprocess(job: WorkerJob, stop: Any) -> None:
-    """`work` in a spawned process. It stops (between batches, then trials) on its own Ctrl-C or SIGTERM, when the
-    launcher sets `stop`, or when the launcher is gone; then it exits 130 (its trial failed and retried, its run
-    KILLED)."""
+    """`work` in a worker process (see worker_context). It stops (between batches, then trials) on its own Ctrl-C or
+    SIGTERM, when the launcher sets `stop`, or when the launcher is gone; then it exits 130 (its trial failed and
+    retried, its run KILLED)."""
     os.environ.clear()  # the launcher's environment now, not the server's from when it started
     os.environ.update(job.environ)
     os.environ[console.BARS] = "0"  # one progress line for the study (the launcher's): workers' bars would interleave
