@@ -5,7 +5,8 @@
 
 The official validation images never reach `classifier prepare`, so nothing we tune sees them. `score` trains the
 plain script (resnet18 from scratch, 28 px, 15 epochs, AdamW, no augmentation, argmax) on the train split and prints
-ACC and ROC AUC of it and of each MODEL (a checkpoint, run id or model URI such as models:/pneumonia@champion).
+ACC, ROC AUC and balanced accuracy of it and of each MODEL (a checkpoint, run id or model URI such as
+models:/pneumonia@champion).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 import torchvision
 from PIL import Image
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_trainval.npz"
 CLASSES = ("normal", "pneumonia")
@@ -82,9 +83,10 @@ def score(out: Path, npz: Path, models: list[str]) -> None:
     rows = [("plain script (resnet18, 28 px, 15 epochs)", (probabilities >= 0.5).astype(int), probabilities)]
     print(f"plain script trained in {seconds:.0f} s", file=sys.stderr)
     rows += [(model, *predicted(model, out / "holdout")) for model in models]
-    print(f"{'model':<60} {'ACC':>6} {'ROC AUC':>8}   ({len(truth)} independent images)")
+    print(f"{'model':<60} {'ACC':>6} {'ROC AUC':>8} {'bal. ACC':>9}   ({len(truth)} independent images)")
     for name, labels, scores in rows:
-        print(f"{name:<60} {accuracy_score(truth, labels):6.3f} {roc_auc_score(truth, scores):8.3f}")
+        figures = accuracy_score(truth, labels), roc_auc_score(truth, scores), balanced_accuracy_score(truth, labels)
+        print(f"{name:<60} {figures[0]:6.3f} {figures[1]:8.3f} {figures[2]:9.3f}")
 
 
 def main() -> None:

@@ -151,7 +151,7 @@ def search(config: SearchConfig, train: TrainConfig, data: Path) -> SearchResult
         job = WorkerJob(Path(data).resolve(), train, config, study_name, metric, parent_run_id, trials_end=trials_end)
         if trials_to_run(study, config.trial_limit) and not budget_spent(job):
             with Progress(study, config.trial_limit, metric):
-                run_workers(job, config.n_workers, study, handler, context)
+                run_workers(job, study, handler, context)
         return summarise(study, job, maximize)
 
 
@@ -278,14 +278,10 @@ def worker_count(config: SearchConfig) -> int:
 
 
 def run_workers(
-    job: WorkerJob,
-    n_workers: int,
-    study: optuna.Study,
-    handler: Any,
-    context: multiprocessing.context.BaseContext | None,
+    job: WorkerJob, study: optuna.Study, handler: Any, context: multiprocessing.context.BaseContext | None
 ) -> None:
-    """Run the study in this process, or in `n_workers` processes of `context` (see worker_context), one GPU each when
-    there are GPUs.
+    """Run the study in this process without a `context`, else in `job.search.n_workers` processes of it (see
+    worker_context), one GPU each when there are GPUs.
 
     The launcher watches its workers: one killed by a signal it did not send (the OOM killer, `kill -9`) has its trial
     failed and retried, and is replaced while the study has trials to run. A stop request (Ctrl-C, SIGTERM; see
@@ -311,7 +307,7 @@ def run_workers(
             process.start()
         return process
 
-    active = {index: start(index) for index in range(n_workers)}
+    active = {index: start(index) for index in range(job.search.n_workers)}
     ended: list[multiprocessing.process.BaseProcess] = []
     replaced = 0
     try:
